@@ -1,0 +1,38 @@
+# Two commands: `make test` and `make demo`. Both create venv/ and install
+# requirements.txt once (re-installed when requirements.txt changes).
+PYTHON ?= python3
+VENV := venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.requirements.stamp
+SMOKE := models/smoke-tiny
+SMOKE_K := models/smoke-k256
+DEMO_ADAPTER := models/demo-adapter
+
+.PHONY: test demo smoke-model serve bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): requirements.txt | $(PY)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -r requirements.txt
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+smoke-model: $(STAMP)
+	$(PY) -m fishtune.smoke_model --output $(SMOKE) --size tiny
+	$(PY) -m fishtune.smoke_model --output $(SMOKE_K) --size k256
+
+demo: smoke-model
+	$(PY) scripts/demo.py
+
+serve: smoke-model
+	$(PY) server.py --model $(SMOKE) --adapter-path $(DEMO_ADAPTER)
+
+bench: smoke-model
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf models huggingface_model ollama_model tests/artifacts
