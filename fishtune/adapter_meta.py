@@ -82,4 +82,8 @@ def read_project_meta(adapter_dir: str | Path) -> ProjectMeta:
         return ProjectMeta(base_model=str(cfg.get("model", ProjectMeta.base_model)))
     if not isinstance(meta, dict):
         raise UserError(f"{Path(adapter_dir) / ADAPTER_CONFIG}: key {META_KEY!r} must be an object")
+    if meta.get("base_model") is None:
+        # The seed's raw `mlx_lm lora -c lora_config.yaml` copies the YAML's
+        # section, which leaves base_model unset: the trained `model` is it.
+        meta = {**meta, "base_model": str(cfg.get("model", ProjectMeta.base_model))}
     return ProjectMeta.from_dict(meta)
