@@ -1,0 +1,436 @@
+"""MLX base + adapter -> a fused Hugging Face checkpoint and a PEFT adapter.
+
+Why our own exporter: MLX-LM's ``fuse`` writes MLX-flavoured files and no PEFT
+adapter; fusing into a quantized base silently drops the adapter
+(mlx-lm#1172). We dequantize, fuse with MLX's own ``fuse()`` math, write a
+standard ``Qwen2ForCausalLM`` folder plus ``peft_adapter/``, and then *prove*
+both equal MLX base+adapter: next-token logits and 32 greedy tokens.
+
+DoRA in both libraries (eval mode, no dropout)::
+
+    y = m / ||W + s·BA||_row · (W + s·BA) x + b          s = scale = alpha / r
+
+MLX stores ``lora_a`` (in, r), ``lora_b`` (r, out), ``m`` (out,); PEFT wants
+``lora_A.weight`` (r, in) = lora_a.T, ``lora_B.weight`` (out, r) = lora_b.T and
+``lora_magnitude_vector`` (out,) = m.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fishtune.adapter_meta import ADAPTER_WEIGHTS, ProjectMeta, read_adapter_config, read_project_meta
+from fishtune.errors import UserError
+from fishtune.fileio import atomic_write_json, ensure_can_write, replace_dir
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+DTYPES = ("float32", "float16", "bfloat16")
+# Max |logit difference| accepted per output dtype. float32 is the real proof;
+# half precision rounds every fused weight, so the bound is looser (stated).
+TOLERANCE = {"float32": 1e-4, "float16": 5e-2, "bfloat16": 2.5e-1}
+GREEDY_TOKENS = 32
+PROJECT_META_FILE = "fishtune.json"
+PEFT_SUBDIR = "peft_adapter"
+
+VERIFY_QUESTIONS = (
+    "孔雀鱼多久换一次水？",
+    "鱼身上有白点还蹭缸怎么办？",
+    "How often should I change the water?",
+)
+
+
+@dataclass
+class ExportResult:
+    output_dir: Path
+    peft_dir: Path | None
+    dtype: str
+    checks: dict[str, Any] = field(default_factory=dict)
+    passed: bool = True
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def _base_dtype(config: dict[str, Any], weights: dict[str, Any]) -> str:
+    name = config.get("torch_dtype") or config.get("dtype")
+    if name in DTYPES:
+        return name
+    for w in weights.values():  # fall back to the stored float dtype
+        s = str(w.dtype).replace("mlx.core.", "")
+        if s in DTYPES:
+            return s
+    return "float32"
+
+
+def _check_architecture(base_path: Path) -> dict[str, Any]:
+    base_config = json.loads((base_path / "config.json").read_text(encoding="utf-8"))
+    model_type = base_config.get("model_type")
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise UserError(
+            f"unknown architecture {model_type!r} in {base_path / 'config.json'}; "
+            f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+        )
+    return base_config
+
+
+def _fuse_in_place(model) -> None:
+    """Replace every LoRA/DoRA layer by its fused linear and dequantize the rest."""
+    from mlx.utils import tree_unflatten
+    from mlx_lm.utils import dequantize_model
+
+    fused = [(name, module.fuse(dequantize=True)) for name, module in model.named_modules() if hasattr(module, "fuse")]
+    if fused:
+        model.update_modules(tree_unflatten(fused))
+    dequantize_model(model)
+
+
+def _flat_weights(model) -> dict[str, Any]:
+    from mlx.utils import tree_flatten
+
+    return dict(tree_flatten(model.parameters()))
+
+
+def _check_finite(weights: dict[str, np.ndarray]) -> None:
+    for name, w in weights.items():
+        if not np.isfinite(w).all():
+            bad = int((~np.isfinite(w)).sum())
+            raise UserError(f"fused weight {name} has {bad} non-finite values; the adapter or base is corrupt")
+
+
+def _to_numpy(weights: dict[str, Any]) -> dict[str, np.ndarray]:
+    import mlx.core as mx
+
+    return {k: np.array(v.astype(mx.float32)) for k, v in weights.items()}
+
+
+def _save_safetensors(weights: dict[str, np.ndarray], out_dir: Path, dtype: str, max_shard_bytes: int) -> list[str]:
+    """Write (sharded when large) model.safetensors in ``dtype``; returns file names."""
+    import torch
+    from safetensors.torch import save_file
+
+    tdtype = _torch_dtype(dtype)
+    itemsize = torch.tensor([], dtype=tdtype).element_size()
+    shards: list[dict[str, Any]] = [{}]
+    size = 0
+    for name in sorted(weights):
+        nbytes = weights[name].size * itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = torch.from_numpy(weights[name]).to(tdtype).contiguous()
+        size += nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(out_dir / "model.safetensors"), metadata=meta)
+        return ["model.safetensors"]
+    names, weight_map, total = [], {}, 0
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out_dir / fname), metadata=meta)
+        names.append(fname)
+        for k, t in shard.items():
+            weight_map[k] = fname
+            total += t.numel() * itemsize
+    atomic_write_json(out_dir / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return names
+
+
+def _hf_config(base_config: dict[str, Any], dtype: str) -> dict[str, Any]:
+    cfg = {k: v for k, v in base_config.items() if k not in ("quantization", "quantization_config")}
+    model_type = cfg.get("model_type")
+    cfg["architectures"] = [SUPPORTED_ARCHITECTURES[model_type]]
+    cfg["torch_dtype"] = dtype
+    cfg["dtype"] = dtype
+    # transformers 5 writes only rope_parameters.rope_theta and MLX-LM then uses
+    # its default; llama.cpp reads the top level. Carry it in both places.
+    rope = cfg.get("rope_parameters") if isinstance(cfg.get("rope_parameters"), dict) else None
+    theta = cfg.get("rope_theta", rope.get("rope_theta") if rope else None)
+    if theta is not None:
+        cfg["rope_theta"] = theta
+        if rope is not None:
+            rope["rope_theta"] = theta
+    return cfg
+
+
+def _write_tokenizer(base_path: Path, out_dir: Path, meta: ProjectMeta) -> None:
+    for name in TOKENIZER_FILES:
+        if (base_path / name).is_file():
+            shutil.copyfile(base_path / name, out_dir / name)
+    if not (out_dir / "tokenizer.json").is_file() and not (out_dir / "vocab.json").is_file():
+        raise UserError(f"base model {base_path} has no tokenizer files (tokenizer.json or vocab.json)")
+    jinja = meta.prompt_template.jinja_chat_template()
+    tok_cfg_path = out_dir / "tokenizer_config.json"
+    tok_cfg = json.loads(tok_cfg_path.read_text(encoding="utf-8")) if tok_cfg_path.is_file() else {}
+    tok_cfg["chat_template"] = jinja  # the template the adapter was trained with
+    atomic_write_json(tok_cfg_path, tok_cfg)
+    if (out_dir / "chat_template.jinja").is_file():
+        (out_dir / "chat_template.jinja").write_text(jinja, encoding="utf-8")
+
+
+def _end_token_ids(tokenizer, meta: ProjectMeta, base_config: dict[str, Any]) -> list[int]:
+    ids: list[int] = []
+    eos = base_config.get("eos_token_id")
+    for v in eos if isinstance(eos, list) else [eos]:
+        if isinstance(v, int) and v not in ids:
+            ids.append(v)
+    end_id = tokenizer.convert_tokens_to_ids(meta.prompt_template.end_token)
+    if isinstance(end_id, int) and end_id not in ids:
+        ids.append(end_id)
+    return ids
+
+
+# ---- PEFT -------------------------------------------------------------------
+def _peft_tensors(adapter_weights: dict[str, np.ndarray], dora: bool) -> tuple[dict[str, np.ndarray], list[str], list[int]]:
+    """Rename MLX adapter tensors to PEFT's names (and transpose A/B)."""
+    out: dict[str, np.ndarray] = {}
+    targets: set[str] = set()
+    layers: set[int] = set()
+    for key, value in adapter_weights.items():
+        module, _, leaf = key.rpartition(".")
+        prefix = f"base_model.model.{module}"
+        if leaf == "lora_a":
+            out[f"{prefix}.lora_A.weight"] = value.T.copy()
+        elif leaf == "lora_b":
+            out[f"{prefix}.lora_B.weight"] = value.T.copy()
+        elif leaf == "m" and dora:
+            out[f"{prefix}.lora_magnitude_vector"] = value.copy()
+        else:
+            raise UserError(f"adapter tensor {key} is not a LoRA/DoRA tensor; only lora and dora adapters export to PEFT")
+        targets.add(module.rsplit(".", 1)[-1])
+        parts = module.split(".")
+        if "layers" in parts:
+            layers.add(int(parts[parts.index("layers") + 1]))
+    return out, sorted(targets), sorted(layers)
+
+
+def write_peft_adapter(adapter_path: Path, adapter_config: dict[str, Any], meta: ProjectMeta, out_dir: Path) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` loadable by PeftModel."""
+    import mlx.core as mx
+    from peft import LoraConfig
+    from safetensors.numpy import save_file
+
+    fine_tune_type = adapter_config.get("fine_tune_type", "lora")
+    params = adapter_config.get("lora_parameters", {})
+    rank = int(params.get("rank", 8))
+    scale = float(params.get("scale", 20.0))
+    raw = {k: np.array(v.astype(mx.float32)) for k, v in mx.load(str(adapter_path / ADAPTER_WEIGHTS)).items()}
+    tensors, targets, layers = _peft_tensors(raw, dora=fine_tune_type == "dora")
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=scale * rank,  # PEFT scaling = lora_alpha / r = MLX scale
+        lora_dropout=float(params.get("dropout", 0.0)),
+        target_modules=targets,
+        layers_to_transform=layers or None,
+        layers_pattern="layers" if layers else None,
+        use_dora=fine_tune_type == "dora",
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=meta.base_model,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(out_dir))
+    save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return out_dir
+
+
+# ---- verification -------------------------------------------------------------
+def _mlx_reference(model, prompts_ids: list[list[int]]) -> tuple[list[np.ndarray], list[list[int]]]:
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+
+    logits, greedy = [], []
+    for ids in prompts_ids:
+        out = model(mx.array(ids)[None])
+        logits.append(np.array(out[0, -1].astype(mx.float32)))
+        toks = []
+        for tok, _ in generate_step(mx.array(ids), model, max_tokens=GREEDY_TOKENS, sampler=lambda x: mx.argmax(x, axis=-1)):
+            toks.append(int(tok))
+        greedy.append(toks)
+    return logits, greedy
+
+
+def _torch_reference(model, prompts_ids: list[list[int]]) -> tuple[list[np.ndarray], list[list[int]]]:
+    import torch
+
+    logits, greedy = [], []
+    with torch.no_grad():
+        for ids in prompts_ids:
+            x = torch.tensor([ids])
+            out = model(x, use_cache=True)
+            logits.append(out.logits[0, -1].float().numpy())
+            past, toks = out.past_key_values, []
+            nxt = int(out.logits[0, -1].argmax())
+            for _ in range(GREEDY_TOKENS):
+                toks.append(nxt)
+                out = model(torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
+                past, nxt = out.past_key_values, int(out.logits[0, -1].argmax())
+            greedy.append(toks)
+    return logits, greedy
+
+
+def _compare(name: str, ref: tuple, got: tuple, tol: float, require_greedy: bool) -> dict[str, Any]:
+    max_diff = max(float(np.abs(a - b).max()) for a, b in zip(ref[0], got[0]))
+    same = all(a == b for a, b in zip(ref[1], got[1]))
+    ok = max_diff <= tol and (same or not require_greedy)
+    logger.info(
+        "%-28s max |logit diff| %.2e (tolerance %.0e)  %d greedy tokens %s  -> %s",
+        name, max_diff, tol, GREEDY_TOKENS, "identical" if same else "DIFFER", "ok" if ok else "FAILED",
+    )
+    return {"max_abs_logit_diff": max_diff, "tolerance": tol, "greedy_identical": same, "passed": ok}
+
+
+def export_huggingface(
+    model: str | None,
+    adapter_path: str | Path,
+    output_dir: str | Path,
+    *,
+    dtype: str | None = None,
+    force: bool = False,
+    verify: bool = True,
+    max_shard_gb: float = 5.0,
+) -> ExportResult:
+    """Fuse ``adapter_path`` into its base and write an HF folder + ``peft_adapter/``."""
+    import mlx.core as mx
+
+    from fishtune.loading import load_model
+
+    adapter_path, output_dir = Path(adapter_path), Path(output_dir)
+    if dtype is not None and dtype not in DTYPES:
+        raise UserError(f"unknown --dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+    ensure_can_write(output_dir, force, "output folder")
+    adapter_config = read_adapter_config(adapter_path)
+    meta = read_project_meta(adapter_path)
+
+    local_base = Path(model or meta.base_model)
+    if (local_base / "config.json").is_file():  # refuse before the (slow) load
+        _check_architecture(local_base)
+    lm = load_model(model, str(adapter_path), fuse=False)
+    base_path = Path(lm.model_path)
+    base_config = _check_architecture(base_path)
+    quantized = "quantization" in base_config or "quantization_config" in base_config
+    out_dtype = dtype or ("float32" if quantized else _base_dtype(base_config, _flat_weights(lm.model)))
+    fine_tune_type = adapter_config.get("fine_tune_type", "lora")
+
+    prompts = [meta.prompt_template.question_prompt(q, meta.system_prompt) for q in VERIFY_QUESTIONS]
+    prompts_ids = [lm.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    if verify:
+        lm.model.set_dtype(mx.float32)  # the reference in float32, whatever the storage dtype
+        mlx_ref = _mlx_reference(lm.model, prompts_ids)
+
+    _fuse_in_place(lm.model)
+    weights = _to_numpy(_flat_weights(lm.model))
+    _check_finite(weights)
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    try:
+        files = _save_safetensors(weights, tmp, out_dtype, int(max_shard_gb * 2**30))
+        hf_config = _hf_config(base_config, out_dtype)
+        atomic_write_json(tmp / "config.json", hf_config)
+        _write_tokenizer(base_path, tmp, meta)
+        gen = {"bos_token_id": base_config.get("bos_token_id"), "eos_token_id": _end_token_ids(lm.tokenizer, meta, base_config)}
+        gen["pad_token_id"] = gen["eos_token_id"][0] if gen["eos_token_id"] else None
+        atomic_write_json(tmp / "generation_config.json", gen)
+        atomic_write_json(
+            tmp / PROJECT_META_FILE,
+            {**meta.to_dict(), "adapter_path": str(adapter_path), "fine_tune_type": fine_tune_type},
+        )
+        peft_dir = None
+        if fine_tune_type in ("lora", "dora"):
+            peft_dir = write_peft_adapter(adapter_path, adapter_config, meta, tmp / PEFT_SUBDIR)
+        else:
+            logger.info("fine_tune_type=%s: no PEFT adapter (PEFT adapters exist for lora and dora only)", fine_tune_type)
+        logger.info("wrote %s (%s, %s)", output_dir, out_dtype, ", ".join(files))
+
+        result = ExportResult(output_dir, output_dir / PEFT_SUBDIR if peft_dir else None, out_dtype)
+        if verify:
+            result.checks, result.passed = _verify(tmp, base_path, quantized, model, mlx_ref, prompts_ids, out_dtype, peft_dir)
+        replace_dir(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result
+
+
+def _verify(out_dir, base_path, quantized, model, mlx_ref, prompts_ids, out_dtype, peft_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tol = TOLERANCE[out_dtype]
+    require_greedy = out_dtype == "float32"
+    checks: dict[str, Any] = {}
+    fused = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32).eval()
+    checks["transformers_fused"] = _compare("transformers fused", mlx_ref, _torch_reference(fused, prompts_ids), tol, require_greedy)
+    if peft_dir is not None:
+        from peft import PeftModel
+
+        base = _torch_base(out_dir, base_path, quantized, model, fused.config)
+        del fused
+        peft_model = PeftModel.from_pretrained(base, str(peft_dir)).eval()
+        # PEFT runs on the unrounded adapter in float32: float32 tolerance applies.
+        checks["transformers_peft"] = _compare(
+            "transformers + PEFT adapter", mlx_ref, _torch_reference(peft_model, prompts_ids),
+            TOLERANCE["float32"] if not quantized else tol, True,
+        )
+    passed = all(c["passed"] for c in checks.values())
+    return checks, passed
+
+
+def _torch_base(out_dir: Path, base_path: Path, quantized: bool, model: str | None, config):
+    """The base for the PEFT check: the HF base itself, or the dequantized MLX base."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if not quantized:
+        return AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32).eval()
+    # A quantized MLX base cannot be read by transformers: rebuild the base from
+    # the same dequantized weights MLX trained against.
+    from mlx_lm.utils import dequantize_model
+
+    from fishtune.loading import load_model
+
+    base_lm = load_model(str(base_path), None, fuse=False)
+    dequantize_model(base_lm.model)
+    weights = _to_numpy(_flat_weights(base_lm.model))
+    torch_model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = {k: torch.from_numpy(v) for k, v in weights.items()}
+    missing, unexpected = torch_model.load_state_dict(state, strict=False)
+    if unexpected or [m for m in missing if m != "lm_head.weight"]:
+        raise UserError(f"dequantized base does not match {out_dir / 'config.json'}: missing {missing}, unexpected {unexpected}")
+    torch_model.tie_weights()
+    return torch_model.eval()
+
+
+def format_checks(checks: dict[str, Any]) -> str:
+    lines = []
+    for name, c in checks.items():
+        lines.append(
+            f"{name}: max |logit diff| {c['max_abs_logit_diff']:.2e} (tolerance {c['tolerance']:.0e}), "
+            f"greedy {GREEDY_TOKENS} tokens {'identical' if c['greedy_identical'] else 'differ'}: "
+            f"{'PASS' if c['passed'] else 'FAIL'}"
+        )
+    return "\n".join(lines)
+
+
+__all__ = ["export_huggingface", "write_peft_adapter", "format_checks", "ExportResult", "DTYPES"]
