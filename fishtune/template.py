@@ -175,17 +175,19 @@ class PromptTemplate:
         sys_pre, sys_post = self.system_format.split("{content}")
         user_pre, user_post = self.user_format.split("{content}")
         asst_pre, asst_post = self.assistant_format.split("{content}")
-        g = _go_str
+        def g(text: str) -> str:  # literal text as a Go string action; nothing for ""
+            return "{{ " + _go_str(text) + " }}" if text else ""
+
         return (
-            "{{- if .System }}{{ " + g(sys_pre) + " }}{{ .System }}{{ " + g(sys_post) + " }}{{ end }}"
+            "{{- if .System }}" + g(sys_pre) + "{{ .System }}" + g(sys_post) + "{{ end }}"
             "{{- if .Messages }}"
             "{{- range $i, $m := .Messages }}"
-            "{{- if eq $m.Role \"user\" }}{{ " + g(user_pre) + " }}{{ $m.Content }}{{ " + g(user_post) + " }}"
-            "{{- else if eq $m.Role \"assistant\" }}{{ " + g(asst_pre) + " }}{{ $m.Content }}{{ "
-            + g(asst_post + self.turn_separator) + " }}"
+            "{{- if eq $m.Role \"user\" }}" + g(user_pre) + "{{ $m.Content }}" + g(user_post) +
+            "{{- else if eq $m.Role \"assistant\" }}" + g(asst_pre) + "{{ $m.Content }}"
+            + g(asst_post + self.turn_separator) +
             "{{- end }}"
             "{{- end }}"
-            "{{- else }}{{ " + g(user_pre) + " }}{{ .Prompt }}{{ " + g(user_post) + " }}"
+            "{{- else }}" + g(user_pre) + "{{ .Prompt }}" + g(user_post) +
             "{{- end }}"
         )
 
