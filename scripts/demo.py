@@ -28,12 +28,12 @@ STEPS: list[tuple[str, list[str]]] = [
         "--batch-size", "4", "--max-seq-length", "384", "--steps-per-eval", "20", "--steps-per-report", "10",
         "--save-every", "30", "--adapter-path", ADAPTER, "--test", "--force",
     ]),
-    ("inference: one question", [PY, "inference.py", "--adapter-path", ADAPTER, "--question", "孔雀鱼多久换一次水？", "--max-tokens", "32"]),
+    ("inference: one question", [PY, "inference.py", "--adapter-path", ADAPTER, "--question", "孔雀鱼多久换一次水？", "--max-tokens", "32", "--temperature", "0"]),
     ("evaluation: base vs fine-tuned on the test split", [
         PY, "inference.py", "--adapter-path", ADAPTER, "--evaluate", f"{OUT}/data/test.jsonl", "--limit", "8",
-        "--max-tokens", "32", "--report", f"{OUT}/eval_report.json",
+        "--max-tokens", "32", "--report", f"{OUT}/eval_report.json", "--force",
     ]),
-    ("chat: two questions through a pipe", [PY, "inference-chat.py", "--adapter-path", ADAPTER, "--max-tokens", "16"]),
+    ("chat: two questions through a pipe", [PY, "inference-chat.py", "--adapter-path", ADAPTER, "--max-tokens", "16", "--temperature", "0"]),
     ("export: fused Hugging Face model + PEFT adapter, verified", [
         PY, "convert_to_huggingface.py", "--adapter-path", ADAPTER, "--output-dir", f"{OUT}/huggingface_model", "--force",
     ]),
