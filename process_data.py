@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from fishtune.errors import run_cli, setup_logging
-from fishtune.template import DEFAULT_SYSTEM_PROMPT, DEFAULT_TEMPLATE, template_names
+from fishtune.template import DEFAULT_TEMPLATE, template_names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,10 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--valid-ratio", type=float, default=0.1, help="default: %(default)s")
     p.add_argument("--test-ratio", type=float, default=0.1, help="default: %(default)s")
     p.add_argument("--seed", type=int, default=42, help="split seed; same input + seed = identical files (default: %(default)s)")
-    p.add_argument("--template", default=DEFAULT_TEMPLATE, choices=list(template_names()),
-                   help="prompt template for the 'text' field; training must use the same (default: %(default)s)")
-    p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT,
-                   help="system preamble in the training text; '' for none (default: the fish-care assistant prompt)")
+    p.add_argument("-c", "--config", default=None,
+                   help="lora_config.yaml whose fishtune.template / fishtune.system_prompt are used (default: the repo's)")
+    p.add_argument("--template", default=None, choices=list(template_names()),
+                   help=f"prompt template for the 'text' field; training must use the same (default: from the config, else {DEFAULT_TEMPLATE})")
+    p.add_argument("--system-prompt", default=None,
+                   help="system preamble in the training text; '' for none (default: from the config, else the fish-care assistant prompt)")
     p.add_argument("--tokenizer", default=None, metavar="PATH",
                    help="local Hugging Face tokenizer/model folder: measure token lengths and reject too-long records")
     p.add_argument("--max-seq-length", type=int, default=1024,
@@ -56,6 +58,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     from fishtune.data import DataOptions, format_summary, run_pipeline
+
+    if args.template is None or args.system_prompt is None:
+        # The same template/system prompt finetune.py will use: one source of truth.
+        from fishtune.config import load_config
+
+        project = load_config(args.config).project
+        args.template = args.template or project.template
+        if args.system_prompt is None:
+            args.system_prompt = project.system_prompt
 
     opts = DataOptions(
         input=args.input,
