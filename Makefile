@@ -28,8 +28,12 @@ smoke-model: $(STAMP)
 demo: smoke-model
 	$(PY) scripts/demo.py
 
-serve: smoke-model
-	$(PY) server.py --model $(SMOKE) --adapter-path $(DEMO_ADAPTER)
+# The demo adapter (trained by `make demo`) on its recorded base model.
+$(DEMO_ADAPTER)/adapters.safetensors: | smoke-model
+	$(PY) scripts/demo.py
+
+serve: $(DEMO_ADAPTER)/adapters.safetensors
+	$(PY) server.py --adapter-path $(DEMO_ADAPTER)
 
 bench: smoke-model
 	$(PY) bench/run_all.py

@@ -169,6 +169,12 @@ def load_model(
             fused = n > 0 or fine_tune_type == "full"
             logger.debug("fused %d adapter layers in memory", n)
     net.eval()
+    # Materialise the (lazily) fused weights now: once, not on the first
+    # request, and in this thread (MLX streams are per thread; a server thread
+    # evaluating them later fails with "There is no Stream(cpu, 0)").
+    import mlx.core as mx
+
+    mx.eval(net.parameters())
     tokenizer = load_tokenizer(model_path, eos_token_ids=config.get("eos_token_id", None))
     # Stop on the template's end token as a token too (e.g. <|im_end|> for
     # chatml), whatever the base model's config lists as eos.

@@ -1,0 +1,390 @@
+"""server.py with the MLX back end: a real server process on a free loopback port, driven over HTTP.
+
+The smoke model (random weights, real Qwen2 tokenizer) + a DoRA adapter trained
+in the test; answers are noise but every path is the real one: waitress,
+Flask, the session table, MLX generation, SSE streaming.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import ARTIFACTS, REPO
+from fishtune.chat import ChatSession
+from fishtune.errors import UserError
+from fishtune.sessions import SessionStore, check_session_id
+from fishtune.template import get_template
+
+# ---- helpers shared with test_server_browser.py / test_server_backends.py -------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """``python server.py ...`` on a free loopback port; waits for /api/health."""
+
+    def __init__(self, args: list[str], log_path: Path, script: str = "server.py", timeout_s: float = 120.0):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        self._log = open(log_path, "w", encoding="utf-8")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(REPO / script), *map(str, args), "--port", str(self.port)],
+            cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{script} exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if requests.get(self.url + "/api/health", timeout=2).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{script} did not answer /api/health in {timeout_s} s:\n{self.log()}")
+            time.sleep(0.2)
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def server_adapter(smoke_model_dir: Path, tiny_data_dir: Path) -> Path:
+    """A DoRA adapter for the smoke model, trained once and kept under tests/artifacts."""
+    import hashlib
+
+    out = ARTIFACTS / "server-adapter"
+    # Keyed on the smoke model's config: a rebuilt, different smoke model gets a new adapter.
+    key = hashlib.sha256((Path(smoke_model_dir) / "config.json").read_bytes()).hexdigest()[:16]
+    stamp = out / "smoke_model_key.txt"
+    if (out / "adapters.safetensors").is_file() and stamp.is_file() and stamp.read_text() == key:
+        return out
+    from test_loading import train_tiny_adapter
+
+    tmp = ARTIFACTS / f"server-adapter.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    train_tiny_adapter(smoke_model_dir, tiny_data_dir, tmp)
+    (tmp / "smoke_model_key.txt").write_text(key)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def sse_events(resp: requests.Response) -> list:
+    """The ``data:`` payloads of a Server-Sent Events response (``[DONE]`` kept as a string)."""
+    out = []
+    for line in resp.iter_lines(decode_unicode=True):
+        if line and line.startswith("data: "):
+            data = line[len("data: "):]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(smoke_model_dir, tiny_data_dir, tmp_path_factory):
+    adapter = server_adapter(smoke_model_dir, tiny_data_dir)
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    srv = ServerProcess(["--model", smoke_model_dir, "--adapter-path", adapter, "--max-tokens", "8",
+                         "--threads", "12", "--max-sessions", "50"], log)
+    yield srv
+    srv.stop()
+
+
+# ---- the seed's API, verbatim ------------------------------------------------------------
+
+
+def test_seed_curl_examples_verbatim(server):
+    """The seed's two curl calls (guide section 6.3), only the port differs."""
+    chat_cmd = ["curl", "-s", "-X", "POST", f"{server.url}/api/chat",
+                "-H", "Content-Type: application/json", "-d", '{"message":"你好"}']
+    clear_cmd = ["curl", "-s", "-X", "POST", f"{server.url}/api/clear"]
+    if shutil.which("curl"):
+        out = json.loads(subprocess.run(chat_cmd, capture_output=True, check=True, timeout=60).stdout)
+        cleared = json.loads(subprocess.run(clear_cmd, capture_output=True, check=True, timeout=60).stdout)
+    else:  # the same two requests, byte for byte
+        out = requests.post(f"{server.url}/api/chat", data='{"message":"你好"}'.encode(),
+                            headers={"Content-Type": "application/json"}, timeout=60).json()
+        cleared = requests.post(f"{server.url}/api/clear", timeout=60).json()
+    assert set(out) == {"response", "session_id"}
+    assert isinstance(out["response"], str)
+    check_session_id(out["session_id"])
+    assert cleared == {"status": "success"}
+
+
+def test_health(server):
+    h = requests.get(server.url + "/api/health", timeout=10).json()
+    assert h["status"] == "ok" and h["backend"] == "mlx"
+    assert h["model"].endswith("smoke-tiny") and h["adapter"].endswith("server-adapter")
+    assert h["template"] == "alpaca" and h["fused"] is True
+    assert isinstance(h["sessions"], int) and h["max_sessions"] == 50
+
+
+def test_sessions_have_their_own_history_and_clear(server):
+    a, b = requests.Session(), requests.Session()
+    ra = a.post(server.url + "/api/chat", json={"message": "孔雀鱼多久换一次水？"}, timeout=60).json()
+    rb = b.post(server.url + "/api/chat", json={"message": "金鱼翻肚子怎么办？"}, timeout=60).json()
+    assert ra["session_id"] != rb["session_id"]
+    assert a.cookies.get("fishtune_session") == ra["session_id"]  # the page's cookie
+    a.post(server.url + "/api/chat", json={"message": "水温多少合适？"}, timeout=60)
+    ha = a.get(server.url + "/api/history", timeout=10).json()
+    hb = b.get(server.url + "/api/history", timeout=10).json()
+    assert [m["content"] for m in ha["messages"] if m["role"] == "user"] == ["孔雀鱼多久换一次水？", "水温多少合适？"]
+    assert [m["content"] for m in hb["messages"] if m["role"] == "user"] == ["金鱼翻肚子怎么办？"]
+    assert ha["messages"][1] == {"role": "assistant", "content": ra["response"]}
+    # session_id in the body (no cookie) reaches the same history
+    via_id = requests.get(server.url + "/api/history", params={"session_id": ra["session_id"]}, timeout=10).json()
+    assert via_id["messages"] == ha["messages"]
+    # clearing A (by session_id in the JSON body) leaves B alone
+    assert requests.post(server.url + "/api/clear", json={"session_id": ra["session_id"]},
+                         timeout=10).json() == {"status": "success"}
+    assert a.get(server.url + "/api/history", timeout=10).json()["messages"] == []
+    assert len(b.get(server.url + "/api/history", timeout=10).json()["messages"]) == 2
+    # clearing by cookie
+    assert b.post(server.url + "/api/clear", timeout=10).json() == {"status": "success"}
+    assert b.get(server.url + "/api/history", timeout=10).json()["messages"] == []
+
+
+def test_stream_sse(server):
+    s = requests.Session()
+    r = s.post(server.url + "/api/chat", json={"message": "鱼身上有白点怎么办？", "stream": True,
+                                               "max_tokens": 12, "temperature": 0}, stream=True, timeout=60)
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+    events = sse_events(r)
+    *deltas, done = events
+    assert all(set(e) == {"delta"} for e in deltas)
+    assert done["done"] is True and done["finish_reason"] in ("stop", "length")
+    assert done["session_id"] == s.cookies.get("fishtune_session")
+    text = "".join(e["delta"] for e in deltas)
+    hist = s.get(server.url + "/api/history", timeout=10).json()["messages"]
+    assert hist == [{"role": "user", "content": "鱼身上有白点怎么办？"}, {"role": "assistant", "content": text}]
+    # greedy: the same question in a fresh session streams the same answer, and equals the non-streamed one
+    again = requests.post(server.url + "/api/chat", json={"message": "鱼身上有白点怎么办？", "max_tokens": 12,
+                                                          "temperature": 0}, timeout=60).json()
+    assert again["response"] == text
+
+
+def test_openai_compatible(server):
+    body = {"model": "whatever", "messages": [{"role": "system", "content": "你是鱼病专家。"},
+                                              {"role": "user", "content": "新鱼要隔离吗？"}],
+            "max_tokens": 6, "temperature": 0}
+    r = requests.post(server.url + "/v1/chat/completions", json=body, timeout=60).json()
+    assert r["object"] == "chat.completion" and r["id"].startswith("chatcmpl-")
+    choice = r["choices"][0]
+    assert choice["message"]["role"] == "assistant" and choice["finish_reason"] in ("stop", "length")
+    u = r["usage"]
+    assert u["prompt_tokens"] > 10 and 1 <= u["completion_tokens"] <= 6
+    assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+    events = sse_events(requests.post(server.url + "/v1/chat/completions", json={**body, "stream": True},
+                                      stream=True, timeout=60))
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["choices"][0]["finish_reason"] == choice["finish_reason"]
+    streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert streamed == choice["message"]["content"]  # greedy: same text both ways
+    models = requests.get(server.url + "/v1/models", timeout=10).json()
+    assert models["object"] == "list" and models["data"][0]["id"] == "smoke-tiny"
+
+
+BAD = [
+    # (method, path, kwargs, status, error substring)
+    ("post", "/api/chat", {"data": "not json", "headers": {"Content-Type": "application/json"}}, 400, "not valid JSON"),
+    ("post", "/api/chat", {"data": '{"message": "hi"}', "headers": {"Content-Type": "text/plain"}}, 415,
+     "Content-Type must be application/json"),
+    ("post", "/api/chat", {"data": b""}, 400, "request body is empty"),
+    ("post", "/api/chat", {"json": ["message"]}, 400, "must be a JSON object"),
+    ("post", "/api/chat", {"json": {}}, 400, 'field "message" is missing'),
+    ("post", "/api/chat", {"json": {"message": "   "}}, 400, 'field "message" is empty'),
+    ("post", "/api/chat", {"json": {"message": 42}}, 400, 'field "message" must be a string, got int'),
+    ("post", "/api/chat", {"json": {"message": "鱼" * 2001}}, 400, "2001 characters, over the limit of 2000"),
+    ("post", "/api/chat", {"json": {"message": "hi", "temperature": -1}}, 400, "temperature=-1 is out of range"),
+    ("post", "/api/chat", {"json": {"message": "hi", "top_p": "high"}}, 400, "top_p must be a number"),
+    ("post", "/api/chat", {"json": {"message": "hi", "max_tokens": 10**6}}, 400, "over this server's limit of 4096"),
+    ("post", "/api/chat", {"json": {"message": "hi", "stream": "yes"}}, 400, 'field "stream" must be true or false'),
+    ("post", "/api/chat", {"json": {"message": "hi", "session_id": "../../etc"}}, 400, "session_id '../../etc' is invalid"),
+    ("post", "/api/chat", {"data": b'{"message": "' + b"x" * 70000 + b'"}',
+                           "headers": {"Content-Type": "application/json"}}, 413, "over the limit of 65536 bytes"),
+    ("post", "/api/clear", {"data": "x=1", "headers": {"Content-Type": "application/x-www-form-urlencoded"}}, 415,
+     "Content-Type must be application/json"),
+    ("get", "/api/chat", {}, 405, "method GET is not allowed on /api/chat; use POST"),
+    ("delete", "/api/clear", {}, 405, "use POST"),
+    ("get", "/api/nothing", {}, 404, "no such endpoint: GET /api/nothing"),
+    ("post", "/v1/embeddings", {"json": {}}, 404, "no such endpoint"),
+    ("post", "/v1/chat/completions", {"json": {"messages": []}}, 400, '"messages" must be a non-empty list'),
+    ("post", "/v1/chat/completions", {"json": {"messages": [{"role": "tool", "content": "x"}]}}, 400,
+     "messages[0].role 'tool' is not one of"),
+    ("post", "/v1/chat/completions", {"json": {"messages": [{"role": "assistant", "content": "x"}]}}, 400,
+     "expected a user turn"),
+    ("post", "/v1/chat/completions", {"json": {"messages": [{"role": "user", "content": "x"}], "n": 2}}, 400,
+     "n=2 is not supported"),
+]
+
+
+def test_bad_input_is_4xx_json_and_server_keeps_serving(server):
+    for method, path, kwargs, status, needle in BAD:
+        r = requests.request(method, server.url + path, timeout=30, **kwargs)
+        assert r.status_code == status, (method, path, r.status_code, r.text)
+        assert r.headers["Content-Type"].startswith("application/json"), (path, r.headers)
+        body = r.json()
+        assert set(body) == {"error"} and needle in body["error"], (path, body)
+        assert "Traceback" not in r.text
+    assert requests.get(server.url + "/api/health", timeout=10).json()["status"] == "ok"
+    assert "Traceback" not in server.log()
+
+
+def test_load_8_concurrent_clients_no_cross_talk(server):
+    """8 clients x 2 turns at once (loopback, bounded): no errors, each history holds only its own turns."""
+    n_clients = 8
+    results: dict[int, dict] = {}
+    errors: list[str] = []
+
+    def client(i: int) -> None:
+        s = requests.Session()
+        try:
+            questions = [f"第{i}号客户的问题{t}：鱼缸{i}号怎么换水？" for t in (1, 2)]
+            answers = []
+            for q in questions:
+                r = s.post(server.url + "/api/chat", json={"message": q, "stream": (i + len(answers)) % 2 == 0},
+                           timeout=120, stream=True)
+                if r.status_code != 200:
+                    errors.append(f"client {i}: HTTP {r.status_code} {r.text}")
+                    return
+                if r.headers["Content-Type"].startswith("text/event-stream"):
+                    answers.append("".join(e.get("delta", "") for e in sse_events(r)))
+                else:
+                    answers.append(r.json()["response"])
+            hist = s.get(server.url + "/api/history", timeout=30).json()["messages"]
+            results[i] = {"questions": questions, "answers": answers, "history": hist}
+        except Exception as exc:  # collected and asserted below
+            errors.append(f"client {i}: {type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n_clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=240)
+    assert not errors, errors
+    assert sorted(results) == list(range(n_clients))
+    for i, res in results.items():
+        expected = []
+        for q, a in zip(res["questions"], res["answers"]):
+            expected += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        assert res["history"] == expected, f"client {i} sees another history"
+    assert "Traceback" not in server.log()
+    h = requests.get(server.url + "/api/health", timeout=10).json()
+    assert n_clients <= h["sessions"] <= h["max_sessions"] == 50  # the session table stays bounded
+
+
+def test_client_disconnect_mid_stream_stops_generation(server):
+    """A client that goes away mid-answer cancels its generation; the next request is served."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        body = json.dumps({"message": "讲一个很长的故事", "stream": True, "max_tokens": 4000,
+                           "temperature": 1.0}).encode()
+        sock.sendall(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        assert b"200 OK" in sock.recv(4096)  # headers (and maybe the first event)
+    r = requests.post(server.url + "/api/chat", json={"message": "还在吗？"}, timeout=120)
+    assert r.status_code == 200
+    deadline = time.monotonic() + 30
+    while "client disconnected; stopping generation" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "client disconnected; stopping generation" in server.log()
+
+
+def test_bad_flags_exit_2(tmp_path, smoke_model_dir):
+    def run(*args):
+        return subprocess.run([sys.executable, str(REPO / "server.py"), *map(str, args)], cwd=REPO,
+                              capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+    r = run("--model", smoke_model_dir, "--adapter-path", tmp_path / "nope", "--port", free_port())
+    assert r.returncode == 2 and "error: adapter folder" in r.stderr and "does not exist" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = run("--gguf", tmp_path / "missing.gguf")
+    assert r.returncode == 2 and f"GGUF file {tmp_path / 'missing.gguf'} does not exist" in r.stderr
+    r = run("--ollama", "m", "--gguf", "x.gguf")
+    assert r.returncode == 2 and "--gguf and --ollama" in r.stderr
+    r = run("--max-tokens", "0", "--ollama", "m")
+    assert r.returncode == 2 and "max_tokens=0 is out of range" in r.stderr
+
+
+# ---- the session table (in-process) --------------------------------------------------------
+
+
+def _store(**kw) -> SessionStore:
+    tpl = get_template()
+    return SessionStore(lambda: ChatSession(tpl, "sys", max_turns=2, max_context_tokens=200), **kw)
+
+
+def test_session_store_lru_ttl_and_bounds():
+    now = [0.0]
+    st = _store(max_sessions=3, ttl_s=100, clock=lambda: now[0])
+    for sid in ("aaaaaaaa", "bbbbbbbb", "cccccccc"):
+        st.get_or_create(sid)
+    st.get_or_create("aaaaaaaa")  # a used: b is now least recently used
+    st.get_or_create("dddddddd")
+    assert st.get("bbbbbbbb") is None and st.get("aaaaaaaa") is not None and len(st) == 3
+    assert st.evicted == 1
+    now[0] = 50
+    st.get("cccccccc")
+    now[0] = 120  # a and d idle for > 100 s, c for 70 s
+    assert st.get("aaaaaaaa") is None and st.get("cccccccc") is not None and len(st) == 1
+    assert st.expired == 2
+    # a new id for None, and histories bounded by max_turns
+    e = st.get_or_create(None)
+    check_session_id(e.session_id)
+    for i in range(5):
+        e.chat.prompt_for(f"q{i}")
+        e.chat.add_turn(f"q{i}", "a" * 10)
+    assert [q for q, _ in e.chat.turns] == ["q3", "q4"]
+    assert st.clear(e.session_id) and e.chat.turns == [] and not st.clear("zzzzzzzz")
+
+
+def test_session_store_thread_safe():
+    st = _store(max_sessions=20, ttl_s=1000)
+
+    def work(k: int) -> None:
+        for i in range(300):
+            st.get_or_create(f"session-{(k * 7 + i) % 40:04d}")
+            st.get(f"session-{i % 40:04d}")
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(st) == 20
+
+
+@pytest.mark.parametrize("bad", ["short", "a" * 65, "has space1", "../../../x", 123, None])
+def test_session_id_rules(bad):
+    with pytest.raises(UserError, match="is invalid; use 8-64 characters"):
+        check_session_id(bad)
