@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="inference-chat.py",
         description="Chat with the fine-tuned model (base model + adapter), with multi-turn history.",
+        epilog=HELP + "\n\nFrom a pipe: one question (or command) per line, one answer per question,\n"
+        "e.g.  printf '鱼身上有白点怎么办？\\n要换水吗？\\n' | python inference-chat.py",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_args(p)
     p.add_argument("--system", default=None,
@@ -85,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             f"--max-context-tokens {args.max_context_tokens} leaves {budget} tokens for the prompt after "
             f"--max-tokens {sampling.max_tokens}; raise --max-context-tokens or lower --max-tokens"
         )
+    if args.max_turns is not None and args.max_turns < 0:
+        raise UserError(f"--max-turns {args.max_turns} must be 0 or more (0 = no earlier turns in the prompt)")
     interactive = sys.stdin.isatty()
     lm = load_from_args(args)
     system = args.system if args.system is not None else lm.system_prompt
@@ -108,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             out.write("\n")
             break
+        except UnicodeDecodeError as exc:
+            raise UserError(f"standard input is not UTF-8 ({exc.reason}); send UTF-8 text") from None
         if line is None or (not interactive and line == ""):
             if interactive:
                 out.write("\n")
@@ -137,7 +144,12 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"unknown command {cmd}; type /help")
             continue
 
-        prompt = session.prompt_for(line)
+        try:
+            prompt = session.prompt_for(line)
+        except UserError as exc:  # e.g. a line that is not UTF-8: skip it, keep the session
+            sys.stderr.write(f"error: {exc}\n")
+            sys.stderr.flush()
+            continue
         if args.show_prompt:
             sys.stderr.write(f"--- prompt ---\n{prompt}\n--- end prompt ---\n")
             sys.stderr.flush()

@@ -21,11 +21,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 from fishtune.errors import UserError, run_cli, setup_logging
+
+if TYPE_CHECKING:  # annotations only: no heavy import at start-up
+    from fishtune.generation import SamplingConfig
+    from fishtune.loading import LoadedModel
+
+
+SEED_QUESTION = "孔雀鱼多久换一次水？"  # the seed guide's inference.py example
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,11 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog="inference.py",
-        description="Answer fish-care questions with the fine-tuned model (base model + adapter), "
-        "in batch, or evaluate base vs fine-tuned on the test set.",
+        description="Answer fish-care questions with the fine-tuned model (base model + adapter),\n"
+        "one at a time or in batch, or evaluate base vs fine-tuned on the test set.",
+        epilog="examples:\n"
+        "  python inference.py --question \"鱼身上有白点怎么办？\"\n"
+        "  python inference.py --input data/test.jsonl --output predictions.jsonl\n"
+        "  python inference.py --evaluate data/test.jsonl --report eval_report.json --limit 50\n"
+        "  python inference.py --question \"...\" --no-adapter          # the base model alone",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    mode = p.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--question", help="a question, wrapped in the training template with the system prompt")
+    # Not required: the seed's bare `python3 inference.py` asks its example question.
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--question", help="a question, wrapped in the training template with the system prompt "
+                      f"(default, when no other mode is given: the seed's example {SEED_QUESTION!r})")
     mode.add_argument("--prompt", help="a raw prompt, sent to the model as is (a typed \\n is a newline)")
     mode.add_argument("--input", type=Path, metavar="JSONL", help="batch mode: a JSONL file of rows with \"question\"")
     mode.add_argument("--evaluate", type=Path, metavar="JSONL",
@@ -58,12 +75,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_output(path: Path, force: bool, what: str) -> None:
+    """Fail before any model work when ``path`` can't be written (finished work needs --force)."""
+    from fishtune.fileio import ensure_can_write
+
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder; pass a file path instead")
+    ensure_can_write(path, force, what)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a parent is a file, no permission, ...
+        raise UserError(f"can't create the folder of {what} {path} ({exc.strerror}); pass a writable path") from None
+
+
 def read_rows(path: Path, limit: int | None, need_answer: bool) -> list[dict]:
     if not path.is_file():
-        raise UserError(f"{path} does not exist; run process_data.py first or pass an existing JSONL file")
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise UserError(f"{path} {what}; run process_data.py first or pass an existing JSONL file")
     rows = []
     with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+        for n, line in enumerate(_lines(path, f), 1):
             if not line.strip():
                 continue
             try:
@@ -74,6 +105,12 @@ def read_rows(path: Path, limit: int | None, need_answer: bool) -> list[dict]:
                 raise UserError(f"{path}:{n}: needs a non-empty \"question\" string field")
             if need_answer and (not isinstance(row.get("answer"), str) or not row["answer"].strip()):
                 raise UserError(f"{path}:{n}: needs a non-empty \"answer\" string field to evaluate against")
+            history = row.get("history")
+            if history is not None and not (isinstance(history, list) and all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in history)):
+                raise UserError(f"{path}:{n}: \"history\" must be a list of {{\"role\", \"content\"}} objects "
+                                "(as process_data.py writes it); fix or drop it")
             rows.append(row)
             if limit is not None and len(rows) >= limit:
                 break
@@ -82,31 +119,39 @@ def read_rows(path: Path, limit: int | None, need_answer: bool) -> list[dict]:
     return rows
 
 
-def predict_rows(lm, rows: list[dict], sampling, system: str | None, desc: str, progress: bool) -> list[dict]:
+def _lines(path: Path, f: Iterable[str]) -> Iterator[str]:
+    try:
+        yield from f
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not UTF-8 ({exc.reason} at byte {exc.start} of a line); re-save it as UTF-8") from None
+
+
+def predict_rows(lm: LoadedModel, rows: list[dict], sampling: SamplingConfig, system: str | None, desc: str, progress: bool) -> list[dict]:
     from tqdm import tqdm
 
     from fishtune.generation import generate
 
     out = []
     for row in tqdm(rows, desc=desc, unit="q", disable=not progress, file=sys.stderr):
-        res = generate(lm, lm.template.question_prompt(row["question"].strip(), system), sampling)
+        # Multi-turn rows (process_data's "history") are prompted with their earlier turns.
+        msgs = [*(row.get("history") or []), {"role": "user", "content": row["question"].strip()}]
+        res = generate(lm, lm.template.render_prompt(msgs, system), sampling)
         out.append({**row, "prediction": res.text, "finish_reason": res.finish_reason,
                     "generation_tokens": res.generation_tokens, "tokens_per_s": round(res.generation_tps, 2)})
     return out
 
 
-def run_evaluation(args, sampling, progress: bool) -> int:
+def run_evaluation(args: argparse.Namespace, sampling: SamplingConfig, progress: bool) -> int:
     import gc
-    import logging
 
     from fishtune.evaluation import format_table, perplexity, score_predictions
-    from fishtune.fileio import atomic_write_json, ensure_can_write
+    from fishtune.fileio import atomic_write_json
     from fishtune.loading import load_model, meta_for_base
 
     log = logging.getLogger("inference")
     from fishtune.adapter_meta import read_project_meta
 
-    ensure_can_write(args.report, args.force, "report")
+    check_output(args.report, args.force, "--report")
     rows = read_rows(args.evaluate, args.limit, need_answer=True)
     if not args.no_adapter:
         read_project_meta(args.adapter_path)  # a missing/corrupt adapter fails now, not after the base model ran
@@ -160,9 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     import fishtune  # noqa: F401  (OpenBLAS before mlx)
-    from fishtune.generation import sampling_from_args, stream_generate
+    from fishtune.generation import ensure_utf8, sampling_from_args, stream_generate
     from fishtune.loading import load_from_args
 
+    if args.question is None and args.prompt is None and args.input is None and args.evaluate is None:
+        args.question = SEED_QUESTION
+        logging.getLogger("inference").info("no --question given; asking the example question %s", SEED_QUESTION)
     progress = not args.no_progress and sys.stderr.isatty()
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit {args.limit} must be at least 1")
@@ -170,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--question is empty; give the question text")
     if args.prompt is not None and not args.prompt:
         raise UserError("--prompt is empty; give the prompt text")
+    for flag in ("question", "prompt", "system"):
+        if getattr(args, flag) is not None:
+            ensure_utf8(getattr(args, flag), f"--{flag}")
     if args.input is not None and args.output is None:
         raise UserError("--input needs --output PATH for the predictions JSONL")
     if args.evaluate is not None:
@@ -178,9 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     sampling = sampling_from_args(args)
 
     if args.input is not None:
-        from fishtune.fileio import atomic_write_jsonl, ensure_can_write
+        from fishtune.fileio import atomic_write_jsonl
 
-        ensure_can_write(args.output, args.force, "--output")
+        check_output(args.output, args.force, "--output")
         rows = read_rows(args.input, args.limit, need_answer=False)
         lm = load_from_args(args)
         system = args.system if args.system is not None else lm.system_prompt

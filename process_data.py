@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system-prompt", default=None,
                    help="system preamble in the training text; '' for none (default: from the config, else the fish-care assistant prompt)")
     p.add_argument("--tokenizer", default=None, metavar="PATH",
-                   help="local Hugging Face tokenizer/model folder: measure token lengths and reject too-long records")
+                   help="local Hugging Face tokenizer/model folder, or 'qwen2' for Qwen2's own tokenizer rebuilt "
+                        "offline: measure token lengths and reject too-long records")
     p.add_argument("--max-seq-length", type=int, default=1024,
                    help="max training text length in tokens, enforced only with --tokenizer (default: %(default)s)")
     p.add_argument("--skip-invalid", action="store_true",

@@ -12,6 +12,7 @@ import logging
 from typing import Any
 
 from fishtune.errors import UserError
+from fishtune.generation import ensure_utf8
 from fishtune.template import PromptTemplate
 
 logger = logging.getLogger(__name__)
@@ -89,6 +90,7 @@ class ChatSession:
         question = question.strip() if isinstance(question, str) else question
         if not question:
             raise UserError("the question is empty; type a question")
+        ensure_utf8(question, "the question")
         turns = list(self.turns)
         if self.max_turns is not None:
             turns = turns[len(turns) - self.max_turns:] if self.max_turns else []

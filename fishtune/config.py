@@ -38,7 +38,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -173,7 +173,7 @@ class _Checker:
             raise self.fail(key, need, v)
         return v
 
-    def num(self, key: str, v: Any, need: str, ok) -> float:
+    def num(self, key: str, v: Any, need: str, ok: Callable[[Any], bool]) -> float:
         if not _is_number(v) or not ok(v):
             raise self.fail(key, need, v)
         return float(v)

@@ -42,7 +42,7 @@ from typing import Any, Iterable, Sequence
 
 from fishtune.errors import UserError
 from fishtune.fileio import atomic_write_json, atomic_write_jsonl
-from fishtune.template import DEFAULT_SYSTEM_PROMPT, DEFAULT_TEMPLATE, get_template
+from fishtune.template import DEFAULT_SYSTEM_PROMPT, DEFAULT_TEMPLATE, PromptTemplate, get_template
 
 logger = logging.getLogger(__name__)
 
@@ -438,7 +438,7 @@ def _category(d: dict, name: str) -> str:
     return _text_field(d, name, required=False) or DEFAULT_CATEGORY
 
 
-def _pair_record(raw: RawRecord, spec: FieldSpec, tpl, system: str | None) -> Record:
+def _pair_record(raw: RawRecord, spec: FieldSpec, tpl: PromptTemplate, system: str | None) -> Record:
     d = raw.value
     q = _text_field(d, spec.question)  # type: ignore[arg-type]
     _check_question_has_text(q, spec.question)  # type: ignore[arg-type]
@@ -456,7 +456,7 @@ def _pair_record(raw: RawRecord, spec: FieldSpec, tpl, system: str | None) -> Re
     )
 
 
-def _messages_record(raw: RawRecord, spec: FieldSpec, tpl, system: str | None) -> Record:
+def _messages_record(raw: RawRecord, spec: FieldSpec, tpl: PromptTemplate, system: str | None) -> Record:
     d = raw.value
     if MESSAGES_FIELD not in d:
         raise _Invalid("missing_field", MESSAGES_FIELD, f"field 'messages' is missing (record keys: {_keys(d)}); add it")
@@ -529,11 +529,26 @@ def validate_records(
 
 
 # --------------------------------------------------------------------------- tokens
-def load_tokenizer(path: str):
-    """A Hugging Face tokenizer from a local folder (never the hub)."""
+QWEN2_TOKENIZER = "qwen2"  # --tokenizer value: the real Qwen2 tokenizer, rebuilt offline
+
+
+def load_tokenizer(path: str) -> Any:
+    """A Hugging Face tokenizer from a local folder (never the hub).
+
+    ``"qwen2"`` (when no folder has that name) is Qwen2's own tokenizer, rebuilt
+    offline from the dashscope wheel's qwen.tiktoken: token counts for the
+    default base model without downloading it."""
     p = Path(path)
+    if path == QWEN2_TOKENIZER and not p.exists():
+        import tempfile
+
+        from fishtune.qwen_tokenizer import build_qwen2_tokenizer
+
+        with tempfile.TemporaryDirectory(prefix="fishtune-qwen2-tok-") as tmp:
+            return load_tokenizer(str(build_qwen2_tokenizer(tmp)))
     if not p.is_dir():
-        raise UserError(f"--tokenizer {path}: folder not found; pass a local model/tokenizer folder such as models/smoke-tiny")
+        raise UserError(f"--tokenizer {path}: folder not found; pass a local model/tokenizer folder such as "
+                        "models/smoke-tiny, or qwen2")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -549,7 +564,7 @@ def load_tokenizer(path: str):
         ) from None
 
 
-def count_tokens(tokenizer, texts: Sequence[str], batch_size: int = 256) -> list[int]:
+def count_tokens(tokenizer: Any, texts: Sequence[str], batch_size: int = 256) -> list[int]:
     """Token counts exactly as MLX-LM's text dataset builds them:
     ``tokenizer.encode(text)`` plus the EOS it appends when the text does not end with it."""
     from tqdm import tqdm
@@ -564,7 +579,7 @@ def count_tokens(tokenizer, texts: Sequence[str], batch_size: int = 256) -> list
 
 
 def apply_token_limit(
-    records: list[Record], tokenizer, max_seq_length: int, wheres: dict[int, str], raws: dict[int, Any]
+    records: list[Record], tokenizer: Any, max_seq_length: int, wheres: dict[int, str], raws: dict[int, Any]
 ) -> tuple[list[Record], list[Rejection]]:
     counts = count_tokens(tokenizer, [r.text for r in records])
     keep: list[Record] = []
@@ -862,7 +877,10 @@ def write_outputs(
     output_dir: Path, splits: dict[str, list[Record]], report: dict[str, Any], rejected: Sequence[Rejection]
 ) -> None:
     """Write the splits, rejected.jsonl and report.json (last), each atomically."""
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a parent is a file, no permission, ...
+        raise UserError(f"can't create --output-dir {output_dir} ({exc.strerror}); pass a writable folder") from None
     for s in SPLITS:
         path = output_dir / OUTPUT_FILES[s]
         if splits[s]:
@@ -892,6 +910,8 @@ def run_pipeline(opts: DataOptions) -> dict[str, Any]:
     if opts.tokenizer and opts.max_seq_length < 1:
         raise UserError(f"--max-seq-length {opts.max_seq_length} must be at least 1")
     output_dir = Path(opts.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"--output-dir {output_dir} is a file, not a folder; pass a folder such as data")
     src = read_records(opts.input)
     spec = detect_fields(src.records, src.path, opts.question_field, opts.answer_field, opts.category_field)
     logger.debug("fields: %s, category field: %s", spec.describe(), spec.category)

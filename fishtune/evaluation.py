@@ -79,13 +79,21 @@ def bleu4(prediction: str, reference: str) -> float:
     return bp * math.exp(log_prec / 4)
 
 
-def answer_nll(lm: "LoadedModel", question: str, answer: str, system: str | None) -> tuple[float, int]:
-    """Summed negative log-likelihood of the reference answer (+ end token) and its token count."""
+def answer_nll(
+    lm: "LoadedModel",
+    question: str,
+    answer: str,
+    system: str | None,
+    history: Sequence[dict[str, str]] | None = None,
+) -> tuple[float, int]:
+    """Summed negative log-likelihood of the reference answer (+ end token) and its token count.
+
+    ``history``: earlier messages of a multi-turn row (process_data's ``history``), in the prompt."""
     import mlx.core as mx
     import mlx.nn as nn
 
     prompt, completion = lm.template.split_for_training(
-        [{"role": "user", "content": question}, {"role": "assistant", "content": answer}], system
+        [*(history or []), {"role": "user", "content": question}, {"role": "assistant", "content": answer}], system
     )
     tok = lm.tokenizer
     prompt_ids = list(tok.encode(prompt))
@@ -112,7 +120,7 @@ def perplexity(lm: "LoadedModel", rows: Iterable[dict], system: str | None) -> f
     """Token-weighted perplexity of the reference answers."""
     total, count = 0.0, 0
     for row in rows:
-        nll, n = answer_nll(lm, row["question"], row["answer"], system)
+        nll, n = answer_nll(lm, row["question"], row["answer"], system, row.get("history"))
         total += nll
         count += n
     return math.exp(total / count) if count else float("nan")

@@ -14,12 +14,13 @@ Built on ``mlx_lm.generate.stream_generate`` (``make_sampler`` and
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from fishtune.errors import UserError
 
@@ -154,9 +155,23 @@ class StopStringFilter:
         return out.rstrip() if final else out
 
 
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
+def ensure_utf8(text: str, what: str = "the text") -> str:
+    """``text`` unchanged, or a UserError when it holds undecodable bytes.
+
+    Python smuggles bytes that are not UTF-8 (in argv, or stdin under a C
+    locale) into strings as lone surrogates; the tokenizer would crash on them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = ord(text[exc.start])
+        byte = f" (byte 0x{bad - 0xDC00:02x})" if 0xDC80 <= bad <= 0xDCFF else ""
+        raise UserError(f"{what} is not valid UTF-8 text{byte} at character {exc.start}; send UTF-8 text") from None
+    return text
+
+
+def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
     """Token ids of a prompt, encoded the way training encoded its texts."""
-    return list(tokenizer.encode(prompt))
+    return list(tokenizer.encode(ensure_utf8(prompt, "the prompt")))
 
 
 def stream_generate(
@@ -244,7 +259,7 @@ def generate(
     )
 
 
-def add_sampling_args(p, *, greedy_note: str = "") -> None:
+def add_sampling_args(p: argparse.ArgumentParser, *, greedy_note: str = "") -> None:
     """The sampling flags shared by inference.py and inference-chat.py (defaults: None = SamplingConfig's)."""
     d = SamplingConfig()
     g = p.add_argument_group("sampling" + (f" ({greedy_note})" if greedy_note else ""))
@@ -257,7 +272,7 @@ def add_sampling_args(p, *, greedy_note: str = "") -> None:
     g.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
 
 
-def sampling_from_args(args, **defaults) -> SamplingConfig:
+def sampling_from_args(args: argparse.Namespace, **defaults: Any) -> SamplingConfig:
     """A SamplingConfig from the flags; ``defaults`` replace SamplingConfig's for flags not given."""
     keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens", "seed")
     values = dict(defaults)
@@ -266,4 +281,4 @@ def sampling_from_args(args, **defaults) -> SamplingConfig:
 
 
 __all__ = ["add_sampling_args", "sampling_from_args", "SamplingConfig", "GenerationChunk", "GenerationResult", "StopStringFilter", "stream_generate",
-           "generate", "encode_prompt", "FINISH_REASONS"]
+           "generate", "encode_prompt", "ensure_utf8", "FINISH_REASONS"]

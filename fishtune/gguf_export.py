@@ -32,6 +32,7 @@ import numpy as np
 
 from fishtune.adapter_meta import ProjectMeta
 from fishtune.errors import UserError
+from fishtune.quantize import OUTTYPES  # noqa: F401  (re-exported)
 from fishtune.template import PromptTemplate
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,6 @@ SUPPORTED_ARCHITECTURES: dict[str, tuple[str, str]] = {
 
 # Output types our writer produces itself (no llama.cpp needed).
 WRITER_TYPES = ("F32", "F16", "BF16", "Q8_0")
-OUTTYPES = ("f32", "f16", "bf16")
 
 
 @dataclass

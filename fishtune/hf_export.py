@@ -294,7 +294,7 @@ def _compare(name: str, ref: tuple, got: tuple, tol: float, require_greedy: bool
     same = all(a == b for a, b in zip(ref[1], got[1]))
     ok = max_diff <= tol and (same or not require_greedy)
     logger.info(
-        "%-28s max |logit diff| %.2e (tolerance %.0e)  %d greedy tokens %s  -> %s",
+        "%-28s max |logit diff| %.2e (tolerance %g)  %d greedy tokens %s  -> %s",
         name, max_diff, tol, GREEDY_TOKENS, "identical" if same else "DIFFER", "ok" if ok else "FAILED",
     )
     return {"max_abs_logit_diff": max_diff, "tolerance": tol, "greedy_identical": same, "passed": ok}
@@ -426,7 +426,7 @@ def format_checks(checks: dict[str, Any]) -> str:
     lines = []
     for name, c in checks.items():
         lines.append(
-            f"{name}: max |logit diff| {c['max_abs_logit_diff']:.2e} (tolerance {c['tolerance']:.0e}), "
+            f"{name}: max |logit diff| {c['max_abs_logit_diff']:.2e} (tolerance {c['tolerance']:g}), "
             f"greedy {GREEDY_TOKENS} tokens {'identical' if c['greedy_identical'] else 'differ'}: "
             f"{'PASS' if c['passed'] else 'FAIL'}"
         )

@@ -10,6 +10,7 @@ slower than the fused model, with the same logits.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 from dataclasses import dataclass
@@ -65,20 +66,27 @@ def resolve_model_path(name: str) -> Path:
         if not (local / "config.json").is_file():
             raise UserError(f"model folder {local} has no config.json; point --model at a Hugging Face model folder")
         return local
+    if local.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
+        # Can't be a hub id ("org/name"): a local folder that is not there.
+        raise UserError(f"model folder {name} does not exist; pass --model an existing local model folder "
+                        "or a hub id such as Qwen/Qwen2-1.5B")
     try:
         return Path(_download(name))
     except Exception as exc:  # the hub raises many types; only its/network errors are the user's to fix
         if not _is_hub_error(exc):
             raise
         raise UserError(
-            f"model {name!r} is not available offline and the Hugging Face hub can't be reached "
+            f"model {name!r} is not available offline (nor a folder in {Path.cwd()}) and the Hugging Face "
+            f"hub can't be reached "
             f"({type(exc).__name__}); download it once (huggingface-cli download {name}) or pass --model "
             "a local model folder, e.g. --model models/smoke-tiny after `make smoke-model`"
         ) from None
 
 
-def _apply_adapter(model: Any, adapter_dir: Path) -> None:
-    """``mlx_lm``'s ``load_adapters`` with its errors turned into one line each."""
+def _apply_adapter(model: Any, adapter_dir: Path, trained_on: str = "?", loaded: str = "?") -> None:
+    """``mlx_lm``'s ``load_adapters`` with its errors turned into one line each.
+
+    ``trained_on``/``loaded``: the recorded and the actual base model, named in a shape mismatch."""
     from mlx_lm.utils import load_adapters
 
     try:
@@ -88,7 +96,8 @@ def _apply_adapter(model: Any, adapter_dir: Path) -> None:
         if len(lines) > 1 and "incompatible tensors" in lines[0]:
             more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
             raise UserError(
-                f"adapter {adapter_dir} was trained on another base model: {lines[1]}{more}; "
+                f"adapter {adapter_dir} was trained on another base model (recorded: {trained_on}; "
+                f"loaded: {loaded}): {lines[1]}{more}; "
                 "pass the --model it was trained on (see base_model in its adapter_config.json)"
             ) from None
         raise UserError(f"adapter {adapter_dir} does not fit the model: {' '.join(lines)}") from None
@@ -163,7 +172,7 @@ def load_model(
         raise UserError(f"{model_path / 'config.json'} is not valid JSON ({exc})") from None
     fused = False
     if adapter_dir is not None:
-        _apply_adapter(net, adapter_dir)
+        _apply_adapter(net, adapter_dir, meta.base_model, str(model_path))
         if fuse:
             n = fuse_adapter_layers(net)
             fused = n > 0 or fine_tune_type == "full"
@@ -196,7 +205,7 @@ def load_model(
 DEFAULT_ADAPTER_PATH = "lora_qwen2_1.5b"  # the seed's fine-tuning output
 
 
-def add_model_args(p) -> None:
+def add_model_args(p: argparse.ArgumentParser) -> None:
     """--model / --adapter-path / --no-adapter, shared by the inference scripts."""
     p.add_argument("--model", default=None,
                    help="base model (HF name or local folder; default: the base model recorded in the adapter)")
@@ -214,7 +223,7 @@ def meta_for_base(adapter_path: str | None) -> ProjectMeta:
     return ProjectMeta()
 
 
-def load_from_args(args, *, fuse: bool = True) -> LoadedModel:
+def load_from_args(args: argparse.Namespace, *, fuse: bool = True) -> LoadedModel:
     """``load_model`` for the flags of :func:`add_model_args`."""
     if args.no_adapter:
         meta = meta_for_base(args.adapter_path)

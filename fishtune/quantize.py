@@ -29,6 +29,9 @@ LLAMA_CPP_TYPES: dict[str, str] = {
 # Types our writer produces directly.
 WRITER_TYPES = ("Q8_0", "F16", "BF16", "F32")
 QUANT_TYPES: tuple[str, ...] = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_0", "F16", "BF16", "F32")
+# Unquantized intermediate types for llama.cpp's quantizer (here, not in gguf_export,
+# so convert_to_gguf.py --help needs no numpy).
+OUTTYPES = ("f32", "f16", "bf16")
 K_QUANT_BLOCK = 256  # QK_K: K-quant super-block size (row length must be a multiple)
 
 
@@ -64,7 +67,9 @@ def quantize_with_llama_cpp(
         raise ValueError(f"{qtype} is written by the GGUF writer, not llama.cpp")
     llama_cpp = _import_llama_cpp()
     # llama.cpp logs every tensor through llama-cpp-python's callback; keep it for --verbose.
-    logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if verbose else logging.ERROR)
+    # CRITICAL, not ERROR: llama-cpp-python maps ggml's current WARN level to ERROR, so its
+    # per-tensor "falling back to q5_0" warnings would print anyway (we report fallbacks ourselves).
+    logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
     dst = Path(dst)
     tmp = dst.with_name(f".{dst.name}.tmp")
     params = llama_cpp.llama_model_quantize_default_params()

@@ -197,6 +197,13 @@ def _validate(s: Settings) -> None:
 # ---------------------------------------------------------------------------
 # Model
 # ---------------------------------------------------------------------------
+def _portable_model_name(name: str) -> str:
+    """A local model folder is recorded as an absolute path, so inference, the
+    server and the exports find it from any working directory; a hub id as is."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.is_dir() else name
+
+
 def load_base_model(name: str) -> tuple[Any, Any]:
     """``mlx_lm.load`` with the hub's failure turned into one actionable line."""
     import mlx_lm
@@ -663,7 +670,7 @@ def _write_adapter_config(s: Settings, adapter: Path, status: str, steps: int, e
         {
             "template": s.template,
             "system_prompt": s.system_prompt,
-            "base_model": s.base_model or s.model,
+            "base_model": _portable_model_name(s.base_model or s.model),
             "mask_prompt": s.mask_prompt,
             "status": status,
             "trained_steps": steps,

@@ -174,6 +174,8 @@ def create_app(
             raise ApiError(400, "request body is not UTF-8 text") from None
         except json.JSONDecodeError as exc:
             raise ApiError(400, f"request body is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+        except RecursionError:  # e.g. [[[[...]]]] 30000 deep: still under the size limit
+            raise ApiError(400, "request body is JSON nested too deeply; send a flat object like {\"message\": \"你好\"}") from None
         if not isinstance(body, dict):
             raise ApiError(400, f"request body must be a JSON object, got {type(body).__name__}")
         return body

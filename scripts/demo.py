@@ -24,9 +24,10 @@ ADAPTER = "models/demo-adapter"
 STEPS: list[tuple[str, list[str]]] = [
     ("data: validate, deduplicate, split", [PY, "process_data.py", "--output-dir", f"{OUT}/data", "--tokenizer", SMOKE, "--force"]),
     ("fine-tune: DoRA on the smoke model (k256 variant)", [
-        PY, "finetune.py", "--model", SMOKE_K, "--train", "--data", f"{OUT}/data", "--iters", "60",
-        "--batch-size", "4", "--max-seq-length", "384", "--steps-per-eval", "20", "--steps-per-report", "10",
-        "--save-every", "30", "--adapter-path", ADAPTER, "--test", "--force",
+        PY, "finetune.py", "--model", SMOKE_K, "--train", "--data", f"{OUT}/data", "--iters", "40",
+        "--batch-size", "2", "--grad-accumulation-steps", "1", "--learning-rate", "1e-3", "--max-seq-length", "384",
+        "--steps-per-eval", "20", "--val-batches", "4", "--test-batches", "4", "--steps-per-report", "10",
+        "--save-every", "20", "--adapter-path", ADAPTER, "--test", "--force",
     ]),
     ("inference: one question", [PY, "inference.py", "--adapter-path", ADAPTER, "--question", "孔雀鱼多久换一次水？", "--max-tokens", "32", "--temperature", "0"]),
     ("evaluation: base vs fine-tuned on the test split", [

@@ -209,3 +209,45 @@ def test_ctrl_c_stops_the_answer_not_the_session(adapter):
         assert t.wait() == 0
     finally:
         t.kill()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-turns", "-1"], "error: --max-turns -1 must be 0 or more (0 = no earlier turns in the prompt)"),
+    (["--max-context-tokens", "10"], "error: --max-context-tokens 10 leaves -502 tokens for the prompt after "
+                                      "--max-tokens 512; raise --max-context-tokens or lower --max-tokens"),
+])
+def test_bad_flags_exit_2_with_one_line_before_loading(tmp_path, flags, message):
+    # A missing adapter would fail too: the flag is checked first, before any model is loaded.
+    p = subprocess.run([sys.executable, str(REPO / "inference-chat.py"), "--adapter-path", str(tmp_path / "none"),
+                        *flags], input="q\n", capture_output=True, text=True, cwd=REPO, env=ENV, timeout=120)
+    assert p.returncode == 2
+    assert p.stderr == message + "\n"
+
+
+def test_help_lists_the_chat_commands():
+    p = subprocess.run([sys.executable, str(REPO / "inference-chat.py"), "--help"], capture_output=True, text=True,
+                       cwd=REPO, env=ENV, timeout=120)
+    assert p.returncode == 0
+    for cmd in ("/clear", "/system <text>", "/help", "/exit", "From a pipe"):
+        assert cmd in p.stdout
+
+
+def test_a_line_that_is_not_utf8_is_skipped_not_fatal(adapter):
+    script = "问题甲\n".encode() + b"\xff\xfe\n" + "问题乙\n".encode()
+    p = subprocess.run([sys.executable, *chat_argv(adapter, "--max-tokens", "2")], input=script,
+                       capture_output=True, cwd=REPO, env=ENV, timeout=120)
+    err = p.stderr.decode("utf-8", "replace")
+    assert p.returncode == 0, err
+    assert "error: the question is not valid UTF-8 text (byte 0xff) at character 0; send UTF-8 text" in err
+    assert "Traceback" not in err
+    blocks = PROMPT_BLOCK.findall(err)
+    assert len(blocks) == 2 and "问题甲" in blocks[1] and "问题乙" in blocks[1]
+
+
+def test_ensure_utf8():
+    from fishtune.generation import ensure_utf8
+
+    assert ensure_utf8("鱼") == "鱼"
+    bad = b"ok\xff".decode("utf-8", "surrogateescape")
+    with pytest.raises(UserError, match=r"--question is not valid UTF-8 text \(byte 0xff\) at character 2"):
+        ensure_utf8(bad, "--question")

@@ -447,7 +447,7 @@ def test_too_long_with_tokenizer(tmp_path):
 
 
 def test_load_tokenizer_errors(tmp_path):
-    with pytest.raises(UserError, match=r"--tokenizer .*nope: folder not found; pass a local model/tokenizer folder"):
+    with pytest.raises(UserError, match=r"--tokenizer .*nope: folder not found; pass a local model/tokenizer folder such as models/smoke-tiny, or qwen2"):
         load_tokenizer(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match=r"--tokenizer .*empty: cannot load a tokenizer"):

@@ -82,3 +82,16 @@ def test_reference_perplexity_counts_answer_tokens_only(smoke_model_dir):
     assert n2 == n and nll2 != nll
     ppl = perplexity(lm, [{"question": q, "answer": a}, {"question": "鱼病", "answer": "隔离观察两周。"}], system)
     assert math.isfinite(ppl) and ppl > 1
+
+    # A multi-turn row (process_data's "history"): the earlier turns are in the prompt, only the answer is scored.
+    history = [{"role": "user", "content": "鱼病"}, {"role": "assistant", "content": "隔离观察两周。"}]
+    nll3, n3 = answer_nll(lm, q, a, system, history)
+    prompt3, completion3 = lm.template.split_for_training(
+        [*history, {"role": "user", "content": q}, {"role": "assistant", "content": a}], system)
+    assert "隔离观察两周。" in prompt3 and n3 == len(lm.tokenizer.encode(completion3)) and nll3 != nll
+    ids3 = lm.tokenizer.encode(prompt3 + completion3)
+    logits3 = lm.model(mx.array([ids3[:-1]])).astype(mx.float32)
+    ce3 = nn.losses.cross_entropy(logits3, mx.array([ids3[1:]]), reduction="none")[0]
+    assert nll3 == pytest.approx(float(ce3[-n3:].sum().item()), rel=1e-5)
+    assert perplexity(lm, [{"question": q, "answer": a, "history": history}], system) == pytest.approx(
+        math.exp(nll3 / n3), rel=1e-6)

@@ -174,6 +174,10 @@ def test_q4_k_m_on_k256_uses_k_quants(smoke_model_k256_dir, tmp_path):
     assert "[ok] tokenizer" in proc.stdout and "[ok] stop" in proc.stdout
     assert out.stat().st_size < (out.parent / "qwen2-fish-f16.gguf").stat().st_size / 2
     assert "\nFROM ./qwen2-fish.gguf\n" in (out.parent / "Modelfile").read_text(encoding="utf-8")
+    # the default pipeline's Modelfile is the repo's top-level one, but for FROM (relative to each file)
+    written = (out.parent / "Modelfile").read_text(encoding="utf-8")
+    assert written.replace("\nFROM ./qwen2-fish.gguf\n", "\nFROM ./ollama_model/qwen2-fish.gguf\n") == \
+        (REPO / "Modelfile").read_text(encoding="utf-8")
 
 
 def test_q4_k_m_on_tiny_reports_fallback(smoke_model_dir, tmp_path, capsys):
@@ -329,3 +333,49 @@ def test_proof_fails_on_a_broken_conversion(smoke_model_dir, tmp_path, monkeypat
         assert "error: proof failed (weights)" in cap.err
     assert "[ok] tokenizer" in cap.out
     assert out.is_file() and not (tmp_path / "Modelfile").exists()
+
+
+def test_rope_theta_from_either_config_place(smoke_model_dir, tmp_path, capsys):
+    """transformers < 5 writes rope_theta, >= 5 only rope_parameters.rope_theta: both reach qwen2.rope.freq_base."""
+    from fishtune.gguf_export import read_hf_model
+
+    cfg = json.loads((smoke_model_dir / "config.json").read_text())
+    for i, (top, nested) in enumerate([(None, 1e6), (5e5, None), (5e5, 5e5)]):
+        hf = linked_copy(smoke_model_dir, tmp_path / f"hf{i}")
+        c = {k: v for k, v in cfg.items() if k not in ("rope_theta", "rope_parameters")}
+        if top is not None:
+            c["rope_theta"] = top
+        if nested is not None:
+            c["rope_parameters"] = {"rope_type": "default", "rope_theta": nested}
+        (hf / "config.json").unlink()
+        (hf / "config.json").write_text(json.dumps(c))
+        assert read_hf_model(hf).rope_theta == (top or nested)
+        assert convert(["--hf-model-dir", str(hf), "--output-file", str(tmp_path / "m.gguf"), "--dry-run"]) == 0
+        out = capsys.readouterr().out
+        assert f"qwen2.rope.freq_base = {float(top or nested)!r}\n" in out, out
+
+
+def test_other_llama_cpp_quant_types_load_and_run(smoke_model_k256_dir, tmp_path):
+    """Q5_K_M, Q6_K and Q4_0 from one F16 intermediate (k256: real K-quant tensors); llama.cpp runs each."""
+    from fishtune.adapter_meta import ProjectMeta
+    from fishtune.gguf_export import read_hf_model, write_gguf
+    from fishtune.gguf_verify import open_llama
+    from fishtune.quantize import quantize_with_llama_cpp
+
+    pytest.importorskip("llama_cpp")
+    f16 = tmp_path / "m-f16.gguf"
+    write_gguf(read_hf_model(smoke_model_k256_dir), ProjectMeta(base_model=str(smoke_model_k256_dir)), f16, "F16",
+               progress=False)
+    ids = [9707, 1879, 11, 116214, 100655, 106410, 30, 220]
+    for qtype, expect in (("Q5_K_M", "Q5_K"), ("Q6_K", "Q6_K"), ("Q4_0", "Q4_0")):
+        out = tmp_path / f"m-{qtype}.gguf"
+        quantize_with_llama_cpp(f16, out, qtype, nthread=2)
+        counts = tensor_type_counts(out)
+        assert counts.get(expect, 0) > 0, (qtype, counts)
+        assert out.stat().st_size < f16.stat().st_size * 0.6, qtype
+        llm = open_llama(out, n_ctx=64, logits_all=True)
+        try:
+            llm.eval(ids)  # a multi-token batch through the quantized kernels
+            assert np.isfinite(np.asarray(llm.scores[: len(ids)])).all(), qtype
+        finally:
+            llm.close()

@@ -158,6 +158,16 @@ def test_single_question_streams_an_answer(adapter, capsys):
     assert base_out != out
 
 
+def test_bare_command_asks_the_seed_question(adapter, capsys, caplog):
+    # The seed guide runs `python3 inference.py` with no arguments.
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="inference"):
+        assert cli("--adapter-path", adapter, "--max-tokens", 4, "--temperature", 0) == 0
+    assert capsys.readouterr().out.strip()
+    assert any("孔雀鱼多久换一次水？" in r.getMessage() for r in caplog.records)
+
+
 def test_raw_prompt(adapter, capsys):
     assert cli("--prompt", "### Instruction:\\n孔雀鱼\\n\\n### Response:\\n", "--adapter-path", adapter,
                "--max-tokens", 4, "--temperature", 0) == 0
@@ -242,3 +252,55 @@ def test_other_base_is_refused(adapter, smoke_model_k256_dir, capsys, caplog):
     err = capsys.readouterr().err
     assert any("differs from the base model the adapter was trained on" in r.getMessage() for r in caplog.records)
     assert "error: adapter" in err and "trained on another base model" in err
+
+
+def test_bad_input_and_output_paths_fail_before_loading(tmp_path, capsys):
+    # The adapter does not exist: each path error must come first, as one line.
+    none = tmp_path / "no-adapter"
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"question": "q", "answer": "a"}\n', encoding="utf-8")
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes('{"question": "é"}\n'.encode("latin-1"))
+    afile = tmp_path / "afile"
+    afile.write_text("x", encoding="utf-8")
+    cases = [
+        (("--input", rows, "--output", tmp_path), f"--output {tmp_path} is a folder; pass a file path instead"),
+        (("--input", rows, "--output", afile / "p.jsonl"), f"can't create the folder of --output {afile / 'p.jsonl'}"),
+        (("--evaluate", rows, "--report", tmp_path), f"--report {tmp_path} is a folder; pass a file path instead"),
+        (("--input", tmp_path, "--output", tmp_path / "p.jsonl"), f"{tmp_path} is a folder; run process_data.py first"),
+        (("--input", latin, "--output", tmp_path / "p.jsonl"), f"{latin} is not UTF-8 (invalid continuation byte"),
+        # argv bytes that are not UTF-8 arrive as lone surrogates
+        (("--question", b"\xff".decode("utf-8", "surrogateescape")), "--question is not valid UTF-8 text (byte 0xff)"),
+    ]
+    for argv, message in cases:
+        assert cli(*argv, "--adapter-path", none) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: " + message) and err.count("\n") == 1, err
+    assert afile.read_text(encoding="utf-8") == "x"
+
+
+@pytest.mark.parametrize("script", ["inference.py", "inference-chat.py", "process_data.py"])
+def test_help_imports_nothing_heavy(script):
+    # -X importtime lists every module imported while printing --help.
+    p = subprocess.run([sys.executable, "-X", "importtime", str(REPO / script), "--help"], capture_output=True,
+                       text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert p.returncode == 0 and "usage:" in p.stdout
+    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in p.stderr.splitlines() if "|" in line}
+    assert not imported & {"mlx", "mlx_lm", "torch", "transformers", "numpy", "pandas", "yaml", "tqdm"}, imported
+
+
+def test_multi_turn_rows_are_prompted_with_their_history(lm, tmp_path, capsys):
+    from fishtune.generation import generate
+
+    history = [{"role": "user", "content": "鱼病"}, {"role": "assistant", "content": "隔离观察两周。"}]
+    row = {"question": "要换水吗？", "answer": "要。", "history": history}
+    greedy = SamplingConfig(temperature=0, max_tokens=6)
+    [pred] = inference.predict_rows(lm, [row], greedy, lm.system_prompt, "t", progress=False)
+    full = lm.template.render_prompt([*history, {"role": "user", "content": "要换水吗？"}], lm.system_prompt)
+    assert "隔离观察两周。" in full
+    assert pred["prediction"] == generate(lm, full, greedy).text
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q", "history": "鱼病"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert cli("--input", bad, "--output", tmp_path / "p.jsonl", "--adapter-path", tmp_path / "none") == 2
+    assert f'{bad}:1: "history" must be a list of {{"role", "content"}} objects' in capsys.readouterr().err

@@ -114,7 +114,8 @@ def test_other_base_warns_and_names_the_tensor(smoke_model_k256_dir, dora_adapte
     from fishtune.loading import load_model
 
     with caplog.at_level(logging.WARNING, logger="fishtune.loading"):
-        with pytest.raises(UserError, match=r"trained on another base model: model\.layers\.\d+\..*"
+        with pytest.raises(UserError, match=r"trained on another base model \(recorded: .*smoke-tiny; loaded: "
+                                            r".*smoke-k256\): model\.layers\.\d+\..*"
                                             r"adapter shape \(\d+, \d+\) does not match model parameter shape"):
             load_model(str(smoke_model_k256_dir), str(dora_adapter))
     warn = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -168,6 +169,18 @@ def test_model_not_found_offline():
     with pytest.raises(UserError, match=r"model 'fishtune-test/no-such-model' is not available offline.*"
                                         r"hub can't be reached.*models/smoke-tiny"):
         load_model("fishtune-test/no-such-model", None)
+
+
+def test_missing_local_folder_is_not_sent_to_the_hub(tmp_path):
+    from fishtune.loading import load_model
+
+    # Absolute, ./relative or deeper paths can't be hub ids: say the folder is missing.
+    for name in (str(tmp_path / "nope"), "./nope", "a/b/c"):
+        with pytest.raises(UserError, match=f"model folder {re.escape(name)} does not exist; pass --model"):
+            load_model(name, None)
+    # "org/name" could be either: the message names the folder it looked in too.
+    with pytest.raises(UserError, match=r"not available offline \(nor a folder in .*\)"):
+        load_model("models/not-built-yet", None)
 
 
 def test_model_folder_without_config(tmp_path):

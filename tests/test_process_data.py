@@ -272,6 +272,16 @@ def test_bad_ratio_flags(dataset, tmp_path):
         process_data.main(["--input", str(dataset), "--output-dir", str(tmp_path / "o"), "--test-ratio", "0.2"])
 
 
+def test_output_dir_that_is_a_file(dataset, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x", encoding="utf-8")
+    with pytest.raises(UserError, match=r"--output-dir .*afile is a file, not a folder; pass a folder"):
+        process_data.main(["--input", str(dataset), "--output-dir", str(afile)])
+    with pytest.raises(UserError, match=r"can't create --output-dir .*afile/sub \(Not a directory\); pass a writable"):
+        process_data.main(["--input", str(dataset), "--output-dir", str(afile / "sub")])
+    assert afile.read_text(encoding="utf-8") == "x"
+
+
 # --------------------------------------------------------------------------- subprocess: exit 2, one line
 @pytest.mark.parametrize(
     "make_input, extra, message",
@@ -359,3 +369,16 @@ def test_qwen2_tokenizer_lengths(dataset, tmp_path):
     st = report["lengths"]["text_tokens"]
     assert 0 < st["min"] <= st["p50"] <= st["p95"] <= st["max"] <= 1024
     assert report["tokenizer"] == str(SMOKE) and report["max_seq_length"] == 1024
+
+
+@pytest.mark.skipif(not (SMOKE / "tokenizer_config.json").exists(), reason="models/smoke-tiny not built")
+def test_tokenizer_qwen2_needs_no_model_folder(dataset, tmp_path, monkeypatch):
+    # --tokenizer qwen2 rebuilds Qwen2's tokenizer offline: the same counts as the smoke model's copy of it.
+    monkeypatch.chdir(tmp_path)  # no folder named qwen2 here
+    reports = {}
+    for tok in ("qwen2", str(SMOKE)):
+        out = tmp_path / f"out-{len(reports)}"
+        assert cli(["--input", str(dataset), "--output-dir", str(out), "--tokenizer", tok]) == 0
+        reports[tok] = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert reports["qwen2"]["lengths"]["text_tokens"] == reports[str(SMOKE)]["lengths"]["text_tokens"]
+    assert reports["qwen2"]["tokenizer"] == "qwen2"

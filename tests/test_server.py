@@ -232,6 +232,14 @@ BAD = [
     ("post", "/api/chat", {"json": {"message": "hi", "session_id": "../../etc"}}, 400, "session_id '../../etc' is invalid"),
     ("post", "/api/chat", {"data": b'{"message": "' + b"x" * 70000 + b'"}',
                            "headers": {"Content-Type": "application/json"}}, 413, "over the limit of 65536 bytes"),
+    # chunked upload (no Content-Length) over the limit
+    ("post", "/api/chat", {"data": iter([b'{"message": "', b"x" * 70000, b'"}']),
+                           "headers": {"Content-Type": "application/json"}}, 413, "over the limit of 65536 bytes"),
+    # small but 30000 levels deep: json.loads would hit Python's recursion limit
+    ("post", "/api/chat", {"data": b'{"message": "hi", "x": ' + b"[" * 30000 + b"]" * 30000 + b"}",
+                           "headers": {"Content-Type": "application/json"}}, 400, "nested too deeply"),
+    ("post", "/api/chat", {"data": b'{"message": "\xff\xfe"}', "headers": {"Content-Type": "application/json"}}, 400,
+     "not UTF-8"),
     ("post", "/api/clear", {"data": "x=1", "headers": {"Content-Type": "application/x-www-form-urlencoded"}}, 415,
      "Content-Type must be application/json"),
     ("get", "/api/chat", {}, 405, "method GET is not allowed on /api/chat; use POST"),

@@ -176,6 +176,31 @@ def test_gguf_server_page_and_api(gguf_file, tmp_path):
         srv.stop()
 
 
+def test_quantized_gguf_server(gguf_file, tmp_path):
+    """A llama.cpp-quantized (Q4_K_M) file serves too: quantized kernels, multi-token prompts.
+
+    The server loads through gguf_verify.open_llama (plain CPU buffers): llama.cpp's AMX path
+    crashes on quantized models in some VMs, and this one advertises AMX.
+    """
+    from fishtune.quantize import quantize_with_llama_cpp
+
+    q4 = tmp_path / "smoke-q4_k_m.gguf"
+    quantize_with_llama_cpp(gguf_file, q4, "Q4_K_M", nthread=2)
+    srv = ServerProcess(["--gguf", q4, "--max-tokens", "6", "--temperature", "0", "--n-ctx", "512"],
+                        tmp_path / "server.log")
+    try:
+        s = requests.Session()
+        r = s.post(srv.url + "/api/chat", json={"message": "鱼缸水发白怎么办？请详细说说原因和处理办法。"}, timeout=60)
+        assert r.status_code == 200 and r.json()["response"].strip()
+        events = sse_events(s.post(srv.url + "/api/chat", json={"message": "还有呢？", "stream": True},
+                                   stream=True, timeout=60))
+        assert events[-1]["done"] is True and events[-1]["finish_reason"] in ("stop", "length")
+        assert len(s.get(srv.url + "/api/history", timeout=10).json()["messages"]) == 4
+        assert srv.proc.poll() is None and "Traceback" not in srv.log()
+    finally:
+        srv.stop()
+
+
 def test_gguf_system_prompt_from_modelfile(gguf_file):
     from fishtune.backends import LlamaCppBackend, gguf_project_meta
     from fishtune.modelfile import render_modelfile
