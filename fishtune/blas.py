@@ -88,3 +88,24 @@ def _warn_slow() -> None:
             "fishtune: OpenBLAS not found; MLX will use its slow bundled BLAS "
             "(install it: sudo apt-get install libopenblas0-pthread)\n"
         )
+
+
+def measure_gflops(size: int = 1024, reps: int = 5) -> dict[str, float]:
+    """float32 ``size``x``size`` matmul speed in GFLOP/s: MLX (this process) and numpy."""
+    import time
+
+    import mlx.core as mx
+    import numpy as np
+
+    def rate(fn) -> float:
+        fn()  # warm-up
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return reps * 2 * size**3 / (time.perf_counter() - t) / 1e9
+
+    a = mx.random.normal((size, size))
+    mx.eval(a)
+    an = np.random.default_rng(0).standard_normal((size, size), dtype=np.float32)
+    return {"mlx": rate(lambda: mx.eval(a @ a)), "numpy": rate(lambda: an @ an)}
+
