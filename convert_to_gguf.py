@@ -23,8 +23,7 @@ logger = logging.getLogger("convert_to_gguf")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fishtune.gguf_export import OUTTYPES
-    from fishtune.quantize import DEFAULT_QUANT, QUANT_TYPES
+    from fishtune.quantize import DEFAULT_QUANT, OUTTYPES, QUANT_TYPES
 
     ap = argparse.ArgumentParser(
         prog="convert_to_gguf.py",

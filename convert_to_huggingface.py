@@ -26,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default=None, help="base model (HF id or local folder); default: the one the adapter was trained on")
     p.add_argument("--adapter-path", default="lora_qwen2_1.5b", help="adapter folder written by finetune.py (default: %(default)s)")
     p.add_argument("--output-dir", default="huggingface_model", help="output folder (default: %(default)s)")
-    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="output dtype (default: the base's)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="output dtype (default: the base's; a quantized base gives float32). The proof's max |logit diff| "
+                   "tolerance is 0.0001 for float32, looser for half precision: 0.05 float16, 0.25 bfloat16 "
+                   "(every fused weight is rounded; greedy tokens may then differ)")
     p.add_argument("--max-shard-size", type=float, default=5.0, help="shard model.safetensors above this many GiB (default: %(default)s)")
     p.add_argument("--verify", dest="verify", action="store_true", default=True, help="prove the export equals MLX base+adapter (default)")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the proof")

@@ -396,3 +396,21 @@ def test_session_store_thread_safe():
 def test_session_id_rules(bad):
     with pytest.raises(UserError, match="is invalid; use 8-64 characters"):
         check_session_id(bad)
+
+
+HEAVY_MODULES = {"mlx", "torch", "transformers", "numpy", "flask", "llama_cpp", "waitress", "gguf", "safetensors",
+                 "peft", "requests", "tqdm"}
+
+
+def heavy_imports_for_help(script: str) -> set[str]:
+    """Top-level packages from HEAVY_MODULES that ``python -X importtime SCRIPT --help`` imports."""
+    r = subprocess.run([sys.executable, "-X", "importtime", str(REPO / script), "--help"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "usage:" in r.stdout, r.stderr[-2000:]
+    names = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    return names & HEAVY_MODULES
+
+
+@pytest.mark.parametrize("script", ["server.py", "ollama-web-chat.py", "convert_to_huggingface.py", "convert_to_gguf.py"])
+def test_help_imports_nothing_heavy(script):
+    assert heavy_imports_for_help(script) == set()
