@@ -20,14 +20,14 @@ Evaluation, base model vs fine-tuned, side by side (greedy by default)::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from fishtune.errors import UserError, run_cli, setup_logging
+from fishtune.fileio import iter_jsonl
 
 if TYPE_CHECKING:  # annotations only: no heavy import at start-up
     from fishtune.generation import SamplingConfig
@@ -93,37 +93,23 @@ def read_rows(path: Path, limit: int | None, need_answer: bool) -> list[dict]:
         what = "is a folder" if path.is_dir() else "does not exist"
         raise UserError(f"{path} {what}; run process_data.py first or pass an existing JSONL file")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(_lines(path, f), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{n}: not valid JSON ({exc.msg}); fix or remove the line") from None
-            if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not row["question"].strip():
-                raise UserError(f"{path}:{n}: needs a non-empty \"question\" string field")
-            if need_answer and (not isinstance(row.get("answer"), str) or not row["answer"].strip()):
-                raise UserError(f"{path}:{n}: needs a non-empty \"answer\" string field to evaluate against")
-            history = row.get("history")
-            if history is not None and not (isinstance(history, list) and all(
-                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                    for m in history)):
-                raise UserError(f"{path}:{n}: \"history\" must be a list of {{\"role\", \"content\"}} objects "
-                                "(as process_data.py writes it); fix or drop it")
-            rows.append(row)
-            if limit is not None and len(rows) >= limit:
-                break
+    for n, row in iter_jsonl(path):
+        if not isinstance(row.get("question"), str) or not row["question"].strip():
+            raise UserError(f"{path}:{n}: needs a non-empty \"question\" string field")
+        if need_answer and (not isinstance(row.get("answer"), str) or not row["answer"].strip()):
+            raise UserError(f"{path}:{n}: needs a non-empty \"answer\" string field to evaluate against")
+        history = row.get("history")
+        if history is not None and not (isinstance(history, list) and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in history)):
+            raise UserError(f"{path}:{n}: \"history\" must be a list of {{\"role\", \"content\"}} objects "
+                            "(as process_data.py writes it); fix or drop it")
+        rows.append(row)
+        if limit is not None and len(rows) >= limit:
+            break
     if not rows:
         raise UserError(f"{path} has no rows")
     return rows
-
-
-def _lines(path: Path, f: Iterable[str]) -> Iterator[str]:
-    try:
-        yield from f
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path} is not UTF-8 ({exc.reason} at byte {exc.start} of a line); re-save it as UTF-8") from None
 
 
 def predict_rows(lm: LoadedModel, rows: list[dict], sampling: SamplingConfig, system: str | None, desc: str, progress: bool) -> list[dict]:

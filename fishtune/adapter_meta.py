@@ -10,12 +10,12 @@ these, so they can never disagree with training.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fishtune.errors import UserError
+from fishtune.fileio import read_json_object
 from fishtune.template import DEFAULT_SYSTEM_PROMPT, DEFAULT_TEMPLATE, PromptTemplate, get_template
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -59,12 +59,7 @@ def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
     path = adapter_dir / ADAPTER_CONFIG
     if not path.is_file():
         raise UserError(f"{path} is missing; {adapter_dir} is not an adapter folder written by finetune.py")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is not valid JSON ({exc}); re-run finetune.py to rewrite it") from None
-    if not isinstance(cfg, dict):
-        raise UserError(f"{path} must hold a JSON object")
+    cfg = read_json_object(path, "re-run finetune.py to rewrite it")
     if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
         raise UserError(f"{adapter_dir / ADAPTER_WEIGHTS} is missing; the adapter folder is incomplete")
     return cfg

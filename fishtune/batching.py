@@ -29,7 +29,6 @@ Batches
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from fishtune.errors import UserError
+from fishtune.fileio import iter_jsonl
 from fishtune.template import PromptTemplate
 
 logger = logging.getLogger(__name__)
@@ -91,19 +91,7 @@ def read_jsonl(path: str | Path, required: bool = True) -> list[dict[str, Any]] 
         if required:
             raise UserError(f"{path} not found; run process_data.py first or point --data at a folder with train.jsonl")
         return None
-    rows: list[dict[str, Any]] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg}); fix or remove that line") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{lineno}: each line must be a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
+    return [row for _, row in iter_jsonl(path)]
 
 
 def record_parts(

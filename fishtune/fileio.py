@@ -64,3 +64,43 @@ def replace_dir(tmp_dir: str | os.PathLike, final_dir: str | os.PathLike) -> Non
     else:
         final_dir.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp_dir, final_dir)
+
+
+def read_json_object(path: str | os.PathLike, fix: str) -> dict[str, Any]:
+    """Read a JSON file that must hold an object; errors name the file and ``fix``."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not valid JSON ({exc}); {fix}") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} must hold a JSON object; {fix}")
+    return obj
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterable[tuple[int, dict[str, Any]]]:
+    """Yield ``(line number, object)`` for each non-blank line of a UTF-8 JSONL file.
+
+    Invalid JSON, non-objects and non-UTF-8 bytes are one-line UserErrors naming
+    the file and line.
+    """
+    path = Path(path)
+    with path.open(encoding="utf-8") as f:
+        lineno = 0
+        while True:
+            try:
+                line = f.readline()
+            except UnicodeDecodeError as exc:
+                raise UserError(f"{path} is not UTF-8 ({exc.reason} after line {lineno}); re-save it as UTF-8") from None
+            if not line:
+                return
+            lineno += 1
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg}); fix or remove that line") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{lineno}: each line must be a JSON object, got {type(row).__name__}")
+            yield lineno, row

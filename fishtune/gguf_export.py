@@ -32,6 +32,7 @@ import numpy as np
 
 from fishtune.adapter_meta import ProjectMeta
 from fishtune.errors import UserError
+from fishtune.fileio import read_json_object
 from fishtune.quantize import OUTTYPES  # noqa: F401  (re-exported)
 from fishtune.template import PromptTemplate
 
@@ -123,13 +124,7 @@ class HFModel:
 def _read_json(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{path} is missing; {path.parent} is not a complete HF model folder ({what})")
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is not valid JSON ({exc}); re-run convert_to_huggingface.py") from None
-    if not isinstance(obj, dict):
-        raise UserError(f"{path} must hold a JSON object")
-    return obj
+    return read_json_object(path, "re-run convert_to_huggingface.py")
 
 
 def _safetensors_header(path: Path) -> dict[str, Any]:

@@ -205,40 +205,20 @@ def _portable_model_name(name: str) -> str:
 
 
 def load_base_model(name: str) -> tuple[Any, Any]:
-    """``mlx_lm.load`` with the hub's failure turned into one actionable line."""
+    """``mlx_lm.load`` of a local folder or the hub cache, via the project's one resolver.
+
+    ``fishtune.loading.resolve_model_path`` turns a missing folder or an
+    unreachable hub into one actionable line.
+    """
     import mlx_lm
 
-    local = Path(name).expanduser()
-    if local.exists():
-        if not (local / "config.json").is_file():
-            raise UserError(f"model folder {local} has no config.json; point --model at a Hugging Face model folder")
-        try:
-            return mlx_lm.load(str(local))
-        except FileNotFoundError as exc:
-            raise UserError(f"model folder {local} is incomplete ({exc})") from None
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
-        raise UserError(
-            f"model folder {name} does not exist; pass --model an existing folder or a Hugging Face name "
-            "(e.g. --model models/smoke-tiny after `make smoke-model`)"
-        )
+    from fishtune.loading import resolve_model_path
+
+    path = resolve_model_path(name)
     try:
-        return mlx_lm.load(name)
-    except Exception as exc:  # the hub raises many types; only its/network errors are the user's to fix
-        if not _is_hub_error(exc):
-            raise
-        raise UserError(
-            f"model {name!r} is not available offline and the Hugging Face hub can't be reached "
-            f"({type(exc).__name__}); download it once (huggingface-cli download {name}) or pass --model "
-            "a local model folder, e.g. --model models/smoke-tiny after `make smoke-model`"
-        ) from None
-
-
-def _is_hub_error(exc: BaseException) -> bool:
-    """Errors of the hub client or the network (offline, unknown repo, no cache)."""
-    mod = type(exc).__module__ or ""
-    return mod.startswith(("huggingface_hub", "requests", "urllib3", "httpx", "httpcore")) or isinstance(
-        exc, (ConnectionError, TimeoutError)
-    )
+        return mlx_lm.load(str(path))
+    except FileNotFoundError as exc:
+        raise UserError(f"model folder {path} is incomplete ({exc})") from None
 
 
 def is_quantized(model: Any) -> bool:
