@@ -90,7 +90,9 @@ def server_adapter(smoke_model_dir: Path, tiny_data_dir: Path) -> Path:
 
     tmp = ARTIFACTS / f"server-adapter.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    train_tiny_adapter(smoke_model_dir, tiny_data_dir, tmp)
+    trained = train_tiny_adapter(smoke_model_dir, tiny_data_dir, tmp)
+    if Path(trained) != tmp:  # an adapter trained earlier in this session is shared: copy it
+        shutil.copytree(trained, tmp)
     (tmp / "smoke_model_key.txt").write_text(key)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
