@@ -8,7 +8,7 @@ SMOKE := models/smoke-tiny
 SMOKE_K := models/smoke-k256
 DEMO_ADAPTER := models/demo-adapter
 
-.PHONY: test demo smoke-model serve bench clean
+.PHONY: test demo smoke-model serve bench bench-quick clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ serve: $(DEMO_ADAPTER)/adapters.safetensors
 
 bench: smoke-model
 	$(PY) bench/run_all.py
+
+bench-quick: smoke-model
+	$(PY) bench/run_all.py --quick
 
 clean:
 	rm -rf models huggingface_model ollama_model tests/artifacts
