@@ -212,13 +212,15 @@ def load_base_model(name: str) -> tuple[Any, Any]:
     """
     import mlx_lm
 
-    from fishtune.loading import resolve_model_path
+    from fishtune.loading import resolve_model_path, use_fast_cpu_dtype
 
     path = resolve_model_path(name)
     try:
-        return mlx_lm.load(str(path))
+        model, tokenizer = mlx_lm.load(str(path))
     except FileNotFoundError as exc:
         raise UserError(f"model folder {path} is incomplete ({exc})") from None
+    use_fast_cpu_dtype(model)
+    return model, tokenizer
 
 
 def is_quantized(model: Any) -> bool:

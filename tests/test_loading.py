@@ -192,3 +192,24 @@ def test_model_folder_without_config(tmp_path):
 
 
 
+
+
+def test_bfloat16_models_compute_in_float32_on_the_cpu(smoke_model_dir, tmp_path, monkeypatch):
+    """MLX CPU bf16 matmuls are ~40x slower than float32 (bench/results/train.json)."""
+    import shutil
+
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import load_model as mlx_load_model
+
+    from fishtune.loading import load_model
+
+    bf16 = tmp_path / "bf16"
+    shutil.copytree(smoke_model_dir, bf16)
+    net, _ = mlx_load_model(bf16)
+    net.set_dtype(mx.bfloat16)
+    mx.save_safetensors(str(bf16 / "model.safetensors"), dict(tree_flatten(net.parameters())), metadata={"format": "mlx"})
+    dtypes = {v.dtype for _, v in tree_flatten(load_model(str(bf16), None).model.parameters())}
+    assert dtypes == {mx.float32}
+    monkeypatch.setenv("FISHTUNE_KEEP_DTYPE", "1")
+    dtypes = {v.dtype for _, v in tree_flatten(load_model(str(bf16), None).model.parameters())}
+    assert dtypes == {mx.bfloat16}
