@@ -347,7 +347,6 @@ def test_help_is_cheap():
 REAL = REPO / "data" / "fish_care_dataset.json"
 
 
-@pytest.mark.skipif(not REAL.exists(), reason="data/fish_care_dataset.json not placed yet")
 def test_real_dataset_processes_cleanly(tmp_path):
     out = tmp_path / "data"
     assert cli(["--input", str(REAL), "--output-dir", str(out)]) == 0
@@ -358,27 +357,22 @@ def test_real_dataset_processes_cleanly(tmp_path):
     assert report["splits"]["valid"] > 0 and report["splits"]["test"] > 0
 
 
-SMOKE = REPO / "models" / "smoke-tiny"
-
-
-@pytest.mark.skipif(not (SMOKE / "tokenizer_config.json").exists(), reason="models/smoke-tiny not built")
-def test_qwen2_tokenizer_lengths(dataset, tmp_path):
+def test_qwen2_tokenizer_lengths(dataset, tmp_path, smoke_model_dir):
     out = tmp_path / "data"
-    assert cli(["--input", str(dataset), "--output-dir", str(out), "--tokenizer", str(SMOKE)]) == 0
+    assert cli(["--input", str(dataset), "--output-dir", str(out), "--tokenizer", str(smoke_model_dir)]) == 0
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     st = report["lengths"]["text_tokens"]
     assert 0 < st["min"] <= st["p50"] <= st["p95"] <= st["max"] <= 1024
-    assert report["tokenizer"] == str(SMOKE) and report["max_seq_length"] == 1024
+    assert report["tokenizer"] == str(smoke_model_dir) and report["max_seq_length"] == 1024
 
 
-@pytest.mark.skipif(not (SMOKE / "tokenizer_config.json").exists(), reason="models/smoke-tiny not built")
-def test_tokenizer_qwen2_needs_no_model_folder(dataset, tmp_path, monkeypatch):
+def test_tokenizer_qwen2_needs_no_model_folder(dataset, tmp_path, monkeypatch, smoke_model_dir):
     # --tokenizer qwen2 rebuilds Qwen2's tokenizer offline: the same counts as the smoke model's copy of it.
     monkeypatch.chdir(tmp_path)  # no folder named qwen2 here
     reports = {}
-    for tok in ("qwen2", str(SMOKE)):
+    for tok in ("qwen2", str(smoke_model_dir)):
         out = tmp_path / f"out-{len(reports)}"
         assert cli(["--input", str(dataset), "--output-dir", str(out), "--tokenizer", tok]) == 0
         reports[tok] = json.loads((out / "report.json").read_text(encoding="utf-8"))
-    assert reports["qwen2"]["lengths"]["text_tokens"] == reports[str(SMOKE)]["lengths"]["text_tokens"]
+    assert reports["qwen2"]["lengths"]["text_tokens"] == reports[str(smoke_model_dir)]["lengths"]["text_tokens"]
     assert reports["qwen2"]["tokenizer"] == "qwen2"
