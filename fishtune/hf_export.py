@@ -96,12 +96,11 @@ def _check_architecture(base_path: Path) -> dict[str, Any]:
 
 def _fuse_in_place(model) -> None:
     """Replace every LoRA/DoRA layer by its fused linear and dequantize the rest."""
-    from mlx.utils import tree_unflatten
     from mlx_lm.utils import dequantize_model
 
-    fused = [(name, module.fuse(dequantize=True)) for name, module in model.named_modules() if hasattr(module, "fuse")]
-    if fused:
-        model.update_modules(tree_unflatten(fused))
+    from fishtune.loading import fuse_adapter_layers
+
+    fuse_adapter_layers(model, dequantize=True)
     dequantize_model(model)
 
 

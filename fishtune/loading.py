@@ -144,11 +144,14 @@ def _same_model(a: str, b: str) -> bool:
     return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
-def fuse_adapter_layers(model: Any) -> int:
-    """Fuse every LoRA/DoRA layer into a plain linear, as ``mlx_lm fuse`` does. Returns the count."""
+def fuse_adapter_layers(model: Any, dequantize: bool = False) -> int:
+    """Fuse every LoRA/DoRA layer into a plain linear, as ``mlx_lm fuse`` does. Returns the count.
+
+    ``dequantize=True`` also turns a quantized base layer into a float one (the HF export).
+    """
     from mlx.utils import tree_unflatten
 
-    fused = [(name, module.fuse()) for name, module in model.named_modules() if hasattr(module, "fuse")]
+    fused = [(name, module.fuse(dequantize=dequantize)) for name, module in model.named_modules() if hasattr(module, "fuse")]
     if fused:
         model.update_modules(tree_unflatten(fused))
     return len(fused)

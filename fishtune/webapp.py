@@ -86,6 +86,13 @@ class GenerationGate:
         if self._lock is not None:
             self._lock.release()
 
+    def __enter__(self) -> "GenerationGate":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
     @property
     def busy(self) -> bool:
         return self._lock is not None and self._lock.locked()
@@ -318,11 +325,8 @@ def create_app(
             entry.chat.prompt_for(message)  # drops the turns that no longer fit the budget
             messages = entry.chat.messages + [{"role": "user", "content": message}]
             if not stream:
-                gate.acquire()
-                try:
+                with gate:
                     result = backend.chat(messages, sampling)
-                finally:
-                    gate.release()
                 entry.chat.add_turn(message, result.text)
                 resp = jsonify({"response": result.text, "session_id": entry.session_id})
             else:
@@ -407,11 +411,8 @@ def create_app(
         created = int(time.time())
         model = backend.model_name
         if not stream:
-            gate.acquire()
-            try:
+            with gate:
                 result = backend.chat(messages, sampling)
-            finally:
-                gate.release()
             finish = "length" if result.finish_reason == "length" else "stop"
             return jsonify({
                 "id": cid, "object": "chat.completion", "created": created, "model": model,
