@@ -23,7 +23,7 @@ logger = logging.getLogger("convert_to_gguf")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fishtune.quantize import DEFAULT_QUANT, OUTTYPES, QUANT_TYPES
+    from fishtune.export.quantize import DEFAULT_QUANT, OUTTYPES, QUANT_TYPES
 
     ap = argparse.ArgumentParser(
         prog="convert_to_gguf.py",
@@ -54,10 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         logging.getLogger("gguf").setLevel(logging.WARNING)  # its writer logs every file plan at INFO
 
-    from fishtune import gguf_export as gx
-    from fishtune import quantize as qz
+    from fishtune.export import gguf_writer as gx
+    from fishtune.export import quantize as qz
     from fishtune.fileio import ensure_can_write
-    from fishtune.modelfile import DEFAULT_NUM_CTX, write_modelfile
+    from fishtune.export.modelfile import DEFAULT_NUM_CTX, write_modelfile
 
     qtype = qz.normalize_quant_type(args.quantize)
     model = gx.read_hf_model(args.hf_model_dir)
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. proof
     if not args.no_verify:
-        from fishtune.gguf_verify import HFReference, prove_gguf
+        from fishtune.export.verify import HFReference, prove_gguf
 
         report = prove_gguf(out, HFReference(args.hf_model_dir), template, meta.system_prompt, exact=(qtype == "F32"))
         print("\n".join(report.lines()))

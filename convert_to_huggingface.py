@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    from fishtune.hf_export import export_huggingface, format_checks
+    from fishtune.export.hf import export_huggingface, format_checks
 
     result = export_huggingface(
         args.model_name, args.adapter_path, args.output_dir,

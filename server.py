@@ -25,8 +25,8 @@ DEFAULT_PORT = 5001
 
 
 def build_parser(prog: str = "server.py", default_port: int = DEFAULT_PORT) -> argparse.ArgumentParser:
-    from fishtune.backends import OLLAMA_DEFAULT_URL
-    from fishtune.generation import add_sampling_args
+    from fishtune.serve.backends import OLLAMA_DEFAULT_URL
+    from fishtune.infer.generation import add_sampling_args
     from fishtune.loading import add_model_args
 
     p = argparse.ArgumentParser(prog=prog, description="Web chat page + JSON API for the fish-care assistant.")
@@ -63,7 +63,7 @@ def build_parser(prog: str = "server.py", default_port: int = DEFAULT_PORT) -> a
 
 
 def make_backend(args):
-    from fishtune.backends import LlamaCppBackend, MLXBackend, OllamaBackend
+    from fishtune.serve.backends import LlamaCppBackend, MLXBackend, OllamaBackend
 
     if args.gguf and args.ollama:
         raise UserError("--gguf and --ollama are two different back ends; pass one of them")
@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None, *, prog: str = "server.py", default_port
     args = build_parser(prog, default_port).parse_args(argv)
     setup_logging(args.verbose)
     import fishtune  # noqa: F401  (OpenBLAS before mlx)
-    from fishtune.generation import sampling_from_args
-    from fishtune.webapp import create_app
+    from fishtune.infer.generation import sampling_from_args
+    from fishtune.serve.app import create_app
 
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port} is not a port number; use 1-65535")

@@ -1,8 +1,8 @@
-"""Generation: our inference (fishtune.generation) vs `mlx_lm generate` vs llama.cpp (F16, Q4_K_M GGUF).
+"""Generation: our inference (fishtune.infer.generation) vs `mlx_lm generate` vs llama.cpp (F16, Q4_K_M GGUF).
 
 Same bench model (bench/work/bench-model, float32 MLX weights; the GGUFs are
-written from the same folder by fishtune.gguf_export, Q4_K_M by
-fishtune.quantize through llama.cpp), same prompt token ids (the project's
+written from the same folder by fishtune.export.gguf_writer, Q4_K_M by
+fishtune.export.quantize through llama.cpp), same prompt token ids (the project's
 alpaca prompt with the system preamble and a fish-care question), greedy.
 Each contender runs in its own process (bench/gen_worker.py), alternating,
 ``--repeats`` times; the tables use the warm call's medians (the cold first
@@ -27,8 +27,8 @@ QUESTION = "我的金鱼身上出现了很多白点，还总在缸壁上蹭身�
 
 def build_ggufs(model: Path) -> dict[str, Path]:
     """F16 and Q4_K_M GGUFs of the bench model (reused when present)."""
-    from fishtune.gguf_export import load_project_meta, read_hf_model, write_gguf
-    from fishtune.quantize import quantize_with_llama_cpp
+    from fishtune.export.gguf_writer import load_project_meta, read_hf_model, write_gguf
+    from fishtune.export.quantize import quantize_with_llama_cpp
 
     f16, q4 = WORK / "bench-f16.gguf", WORK / "bench-q4_k_m.gguf"
     if not f16.is_file() or f16.stat().st_mtime < (model / "model.safetensors").stat().st_mtime:

@@ -6,14 +6,14 @@ in its own process (bench/scale_worker.py) so its peak RSS is its own:
 1. build: random bfloat16 weights (as Qwen2-1.5B ships), written streaming;
    plus a float32 copy for training (see 2).
 2. train: one DoRA step (batch 1, 512 tokens, all 28 blocks, rank 8,
-   gradient checkpointing) through fishtune.training; ``--train-iters`` steps,
+   gradient checkpointing) through fishtune.train.trainer; ``--train-iters`` steps,
    the first includes MLX's compilation. On float32 weights: MLX's CPU
    backend has no fast bfloat16 matmul (measured ~25x slower than float32 on
    OpenBLAS, see train.json's matmul_peak_gflops), so a bf16 step would take
    tens of minutes.
 3. export: fishtune.hf_export.export_huggingface on the bf16 base + the
    adapter (verify=False: the verification loads a second, torch copy).
-4. gguf: fishtune.gguf_export F16; 5. quant: Q4_K_M through llama.cpp;
+4. gguf: fishtune.export.gguf_writer F16; 5. quant: Q4_K_M through llama.cpp;
 6. llama.cpp generation on the Q4_K_M file (bench/gen_worker.py).
 
 Then estimates the seed's 40-iteration run (batch 4, grad accumulation 2,

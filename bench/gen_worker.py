@@ -45,7 +45,7 @@ def main() -> None:
     if kind in ("ours", "mlx_raw"):
         if kind == "ours":
             import fishtune  # noqa: F401  (OpenBLAS before mlx)
-            from fishtune.generation import SamplingConfig, stream_generate
+            from fishtune.infer.generation import SamplingConfig, stream_generate
             from fishtune.loading import load_model
 
             lm = load_model(path, None)

@@ -24,7 +24,7 @@ NAMES = {
     "torch_peft_dropout0": "PyTorch + PEFT, lora_dropout 0 (diagnostic)",
 }
 GEN_NAMES = {
-    "ours": "fishtune (`fishtune.generation`, MLX + OpenBLAS)",
+    "ours": "fishtune (`fishtune.infer.generation`, MLX + OpenBLAS)",
     "mlx_lm_raw": "`mlx_lm generate` code path (MLX bundled BLAS)",
     "llama_cpp_f16": "llama.cpp, F16 GGUF",
     "llama_cpp_q4_k_m": "llama.cpp, Q4_K_M GGUF",
@@ -136,7 +136,7 @@ def scale_section(doc: dict) -> list[str]:
     detail = {
         "build_bf16": f"{doc['sizes']['bf16_safetensors_gb']:.2f} GB bf16 safetensors, streamed",
         "build_f32": "float32 copy for the training step",
-        "export": "fishtune.hf_export, bf16 out, verify off",
+        "export": "fishtune.export.hf, bf16 out, verify off",
         "gguf_f16": f"{doc['sizes']['f16_gguf_gb']:.2f} GB",
         "quantize_q4_k_m": f"{doc['sizes']['q4_k_m_gguf_gb']:.2f} GB",
     }

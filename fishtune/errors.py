@@ -34,10 +34,13 @@ def run_cli(main: Callable[[list[str] | None], int | None]) -> Callable[[list[st
     return wrapper
 
 
-def setup_logging(verbose: bool = False) -> None:
-    """Configure the root logger for a stage script (``--verbose`` = DEBUG)."""
+def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
+    """Configure the root logger for a stage script (``--verbose`` = DEBUG, ``quiet`` = warnings only).
+
+    Only scripts call this; library code never touches the root logger.
+    """
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s",
         stream=sys.stderr,
     )

@@ -1,7 +1,7 @@
-"""THE loader: base model + adapter, used by inference, chat, server, export, bench.
+"""THE loader: base model + adapter, used by training, evaluation, inference, chat, server, export, bench.
 
 The adapter folder says what the model was trained with (template, system
-prompt, base model, see :mod:`fishtune.adapter_meta`), so every stage builds
+prompt, base model, see :mod:`fishtune.project`), so every stage builds
 prompts exactly as training did. Loading goes through MLX-LM's own code
 (``mlx_lm.utils.load_model``/``load_tokenizer``/``load_adapters``), then the
 LoRA/DoRA layers are fused into the weights in memory (files untouched):
@@ -12,15 +12,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fishtune.adapter_meta import ADAPTER_WEIGHTS, ProjectMeta, read_adapter_config, read_project_meta
 from fishtune.errors import UserError
-from fishtune.template import PromptTemplate, get_template
+from fishtune.project import (
+    DEFAULT_BASE_MODEL,
+    AdapterFiles,
+    ProjectMeta,
+    meta_for_base,
+    meta_from_adapter_config,
+    read_adapter_config,
+)
+from fishtune.template import PromptTemplate
 
 logger = logging.getLogger(__name__)
 
@@ -128,12 +135,12 @@ def _apply_adapter(model: Any, adapter_dir: Path, trained_on: str = "?", loaded:
         raise UserError(f"adapter {adapter_dir} does not fit the model: {' '.join(lines)}") from None
     except (KeyError, TypeError, AttributeError) as exc:
         raise UserError(
-            f"{adapter_dir / 'adapter_config.json'} is incomplete ({type(exc).__name__}: {exc}); "
+            f"{adapter_dir / AdapterFiles.CONFIG} is incomplete ({type(exc).__name__}: {exc}); "
             "re-run finetune.py to rewrite it"
         ) from None
     except (RuntimeError, OSError) as exc:
         raise UserError(
-            f"{adapter_dir / ADAPTER_WEIGHTS} can't be read ({exc}); the file is corrupt, re-run finetune.py"
+            f"{adapter_dir / AdapterFiles.WEIGHTS} can't be read ({exc}); the file is corrupt, re-run finetune.py"
         ) from None
 
 
@@ -157,41 +164,17 @@ def fuse_adapter_layers(model: Any, dequantize: bool = False) -> int:
     return len(fused)
 
 
-def load_model(
-    model: str | None,
-    adapter_path: str | None,
-    *,
-    fuse: bool = True,
-    meta: ProjectMeta | None = None,
-) -> LoadedModel:
-    """Load ``model`` (default: the adapter's recorded base) plus ``adapter_path``.
+def load_base(name: str, template: PromptTemplate | None = None) -> tuple[Any, Any, Path]:
+    """The base model ``name`` (folder or hub cache) as ``(model, tokenizer, path)``.
 
-    ``adapter_path=None`` loads the base model alone; its template/system
-    prompt come from ``meta`` (e.g. read from an adapter folder so the base
-    model is prompted exactly like the fine-tuned one) or the defaults.
-    ``fuse=False`` keeps the LoRA/DoRA layers (HF export, the fused-vs-unfused test).
+    Computes in float32 on MLX's CPU backend (:func:`use_fast_cpu_dtype`).
+    The tokenizer stops on ``template``'s end token too (e.g. ``<|im_end|>``
+    for chatml), whatever the base model's config lists as eos.
     """
     from mlx_lm.utils import load_model as mlx_load_model
     from mlx_lm.utils import load_tokenizer
 
-    adapter_dir: Path | None = None
-    fine_tune_type: str | None = None
-    if adapter_path is not None:
-        adapter_dir = Path(adapter_path)
-        cfg = read_adapter_config(adapter_dir)  # missing folder/config/weights, bad JSON -> UserError
-        meta = read_project_meta(adapter_dir)
-        fine_tune_type = str(cfg.get("fine_tune_type", "lora"))
-        if model is not None and not _same_model(model, meta.base_model):
-            logger.warning(
-                "--model %s differs from the base model the adapter was trained on (%s); using %s",
-                model, meta.base_model, model,
-            )
-    meta = meta or ProjectMeta()
-    template = get_template(meta.template)
-    name = model if model is not None else meta.base_model
-
     model_path = resolve_model_path(name)
-    logger.info("loading %s%s", model_path, f" + adapter {adapter_dir}" if adapter_dir else "")
     try:
         net, config = mlx_load_model(model_path)
     except FileNotFoundError as exc:
@@ -199,6 +182,49 @@ def load_model(
     except json.JSONDecodeError as exc:
         raise UserError(f"{model_path / 'config.json'} is not valid JSON ({exc})") from None
     use_fast_cpu_dtype(net)
+    tokenizer = load_tokenizer(model_path, eos_token_ids=config.get("eos_token_id", None))
+    if template is not None:
+        end_id = tokenizer.convert_tokens_to_ids(template.end_token)
+        if isinstance(end_id, int) and end_id != getattr(tokenizer, "unk_token_id", None):
+            tokenizer.eos_token_ids = set(tokenizer.eos_token_ids) | {end_id}
+    return net, tokenizer, model_path
+
+
+def load_model(
+    model: str | None,
+    adapter_path: str | None,
+    *,
+    fuse: bool = True,
+    no_adapter: bool = False,
+) -> LoadedModel:
+    """Load ``model`` (default: the adapter's recorded base) plus ``adapter_path``.
+
+    ``no_adapter=True`` loads the base model alone, prompted like the adapter
+    (its template, system prompt and base model, when ``adapter_path`` is an
+    adapter folder; the defaults otherwise), so base and fine-tuned answers
+    compare. ``fuse=False`` keeps the LoRA/DoRA layers (HF export, evaluation
+    of the training loss, the fused-vs-unfused test).
+    """
+    import mlx.core as mx
+
+    adapter_dir: Path | None = None
+    fine_tune_type: str | None = None
+    if no_adapter or adapter_path is None:
+        meta = meta_for_base(adapter_path)
+    else:
+        adapter_dir = Path(adapter_path)
+        cfg = read_adapter_config(adapter_dir)  # missing folder/config/weights, bad JSON -> UserError
+        meta = meta_from_adapter_config(cfg, adapter_dir / AdapterFiles.CONFIG)
+        fine_tune_type = str(cfg.get("fine_tune_type", "lora"))
+        if model is not None and not _same_model(model, meta.base_model):
+            logger.warning(
+                "--model %s differs from the base model the adapter was trained on (%s); using %s",
+                model, meta.base_model, model,
+            )
+    template = meta.prompt_template
+    name = model if model is not None else meta.base_model
+    logger.info("loading %s%s", name, f" + adapter {adapter_dir}" if adapter_dir else "")
+    net, tokenizer, model_path = load_base(name, template)
     fused = False
     if adapter_dir is not None:
         _apply_adapter(net, adapter_dir, meta.base_model, str(model_path))
@@ -210,15 +236,7 @@ def load_model(
     # Materialise the (lazily) fused weights now: once, not on the first
     # request, and in this thread (MLX streams are per thread; a server thread
     # evaluating them later fails with "There is no Stream(cpu, 0)").
-    import mlx.core as mx
-
     mx.eval(net.parameters())
-    tokenizer = load_tokenizer(model_path, eos_token_ids=config.get("eos_token_id", None))
-    # Stop on the template's end token as a token too (e.g. <|im_end|> for
-    # chatml), whatever the base model's config lists as eos.
-    end_id = tokenizer.convert_tokens_to_ids(template.end_token)
-    if isinstance(end_id, int) and end_id != getattr(tokenizer, "unk_token_id", None):
-        tokenizer.eos_token_ids = set(tokenizer.eos_token_ids) | {end_id}
     return LoadedModel(
         model=net,
         tokenizer=tokenizer,
@@ -235,7 +253,7 @@ DEFAULT_ADAPTER_PATH = "lora_qwen2_1.5b"  # the seed's fine-tuning output
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """--model / --adapter-path / --no-adapter, shared by the inference scripts."""
+    """--model / --adapter-path / --no-adapter, shared by the inference scripts and the server."""
     p.add_argument("--model", default=None,
                    help="base model (HF name or local folder; default: the base model recorded in the adapter)")
     p.add_argument("--adapter-path", default=DEFAULT_ADAPTER_PATH,
@@ -245,19 +263,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "when its folder exists)")
 
 
-def meta_for_base(adapter_path: str | None) -> ProjectMeta:
-    """The template/system prompt/base model to prompt the base model with (no adapter)."""
-    if adapter_path and Path(adapter_path).is_dir():
-        return read_project_meta(adapter_path)
-    return ProjectMeta()
-
-
 def load_from_args(args: argparse.Namespace, *, fuse: bool = True) -> LoadedModel:
     """``load_model`` for the flags of :func:`add_model_args`."""
-    if args.no_adapter:
-        meta = meta_for_base(args.adapter_path)
-        return load_model(args.model or meta.base_model, None, fuse=fuse, meta=meta)
-    return load_model(args.model, args.adapter_path, fuse=fuse)
+    return load_model(args.model, args.adapter_path, fuse=fuse, no_adapter=args.no_adapter)
 
 
-__all__ = ["LoadedModel", "DEFAULT_ADAPTER_PATH", "add_model_args", "load_from_args", "meta_for_base", "load_model", "resolve_model_path", "fuse_adapter_layers"]
+__all__ = ["LoadedModel", "DEFAULT_ADAPTER_PATH", "DEFAULT_BASE_MODEL", "add_model_args", "load_from_args",
+           "load_base", "load_model", "resolve_model_path", "fuse_adapter_layers", "use_fast_cpu_dtype"]

@@ -58,28 +58,6 @@ class PromptTemplate:
     stop_strings: tuple[str, ...]
 
     # ---- Python renderings -------------------------------------------------
-    def _split_system(self, messages: Sequence[Message], system: str | None) -> tuple[str | None, list[Message]]:
-        rest: list[Message] = []
-        for i, m in enumerate(messages):
-            role = m.get("role")
-            content = m.get("content")
-            if role not in ("system", "user", "assistant"):
-                raise UserError(f"message {i}: unknown role {role!r}; use system, user or assistant")
-            if not isinstance(content, str):
-                raise UserError(f"message {i}: content must be a string, got {type(content).__name__}")
-            if role == "system":
-                system = content
-            else:
-                rest.append(m)
-        for i, m in enumerate(rest):
-            expected = "user" if i % 2 == 0 else "assistant"
-            if m["role"] != expected:
-                raise UserError(
-                    f"message {i}: expected a {expected} turn, got {m['role']}; "
-                    "conversations alternate user/assistant and start with user"
-                )
-        return (system or None), rest
-
     def _render(self, system: str | None, turns: Sequence[Message]) -> str:
         out = [self.system_format.format(content=system)] if system else []
         for i, m in enumerate(turns):
@@ -93,17 +71,13 @@ class PromptTemplate:
 
     def render_prompt(self, messages: Sequence[Message], system: str | None = None) -> str:
         """The generation prompt: history + the last user message, ready for the answer."""
-        system, turns = self._split_system(messages, system)
-        if not turns or turns[-1]["role"] != "user":
-            raise UserError("the last message of a prompt must be a user message")
-        return self._render(system, turns)
+        own_system, turns = check_messages(messages, end="user")
+        return self._render(system if own_system is None else own_system, turns)
 
     def render_conversation(self, messages: Sequence[Message], system: str | None = None) -> str:
         """A full conversation (ending with an assistant answer) as training text."""
-        system, turns = self._split_system(messages, system)
-        if not turns or turns[-1]["role"] != "assistant":
-            raise UserError("a training conversation must end with an assistant answer")
-        return self._render(system, turns)
+        own_system, turns = check_messages(messages, end="assistant")
+        return self._render(system if own_system is None else own_system, turns)
 
     def split_for_training(self, messages: Sequence[Message], system: str | None = None) -> tuple[str, str]:
         """(prompt, completion): the loss is computed on ``completion`` only.
@@ -111,9 +85,8 @@ class PromptTemplate:
         ``prompt + completion == render_conversation(messages, system)`` and the
         completion ends with the end token, so the model learns to stop.
         """
-        system, turns = self._split_system(messages, system)
-        if not turns or turns[-1]["role"] != "assistant":
-            raise UserError("a training conversation must end with an assistant answer")
+        own_system, turns = check_messages(messages, end="assistant")
+        system = system if own_system is None else own_system
         prompt = self._render(system, turns[:-1])
         completion = self.assistant_format.format(content=turns[-1]["content"])
         return prompt, completion
@@ -130,7 +103,7 @@ class PromptTemplate:
 
     def strip_stop(self, text: str) -> tuple[str, bool]:
         """Cut ``text`` at the first stop string. Returns (text, stopped)."""
-        cut = min((i for i in (text.find(s) for s in self.stop_strings) if i >= 0), default=-1)
+        cut = find_stop(text, self.stop_strings)
         if cut < 0:
             return text, False
         return text[:cut], True
@@ -193,6 +166,52 @@ class PromptTemplate:
 
     def ollama_stop_lines(self) -> list[str]:
         return [f"PARAMETER stop {_go_str(s)}" for s in self.stop_strings]
+
+
+ROLES = ("system", "user", "assistant")
+
+
+def check_messages(
+    messages: Sequence[Message], end: str | None = None, label: str = "messages"
+) -> tuple[str | None, list[Message]]:
+    """The one set of message rules; returns ``(system, turns)``.
+
+    Every message has a known role and string content; the non-system turns
+    alternate user/assistant, starting with user; with ``end`` the last turn
+    has that role (``"user"``: a prompt; ``"assistant"``: a training
+    conversation). A system message anywhere sets the system prompt (the last
+    one wins; ``system`` is None when there is none, "" for an empty one). Used by the template, the data stage and the server, with
+    ``label`` naming the field in the message.
+    """
+    system: str | None = None
+    turns: list[Message] = []
+    for i, m in enumerate(messages):
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise UserError(f"{label}[{i}].role is {role!r}: unknown role {role!r}; use system, user or assistant")
+        if not isinstance(content, str):
+            raise UserError(f"{label}[{i}]: content must be a string, got {type(content).__name__}")
+        if role == "system":
+            system = content
+        else:
+            turns.append(m)
+    for i, m in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if m["role"] != expected:
+            raise UserError(
+                f"turn {i + 1} of {label!r}: expected a {expected} turn, got {m['role']}; "
+                "conversations alternate user/assistant and start with user"
+            )
+    if end == "user" and (not turns or turns[-1]["role"] != "user"):
+        raise UserError("the last message of a prompt must be a user message")
+    if end == "assistant" and (not turns or turns[-1]["role"] != "assistant"):
+        raise UserError(f"{label!r} must end with an assistant answer")
+    return system, turns
+
+
+def find_stop(text: str, stops: Iterable[str]) -> int:
+    """Index of the first stop string in ``text`` (the earliest of any), or -1."""
+    return min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
 
 
 def _jinja_str(s: str) -> str:

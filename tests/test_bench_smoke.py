@@ -36,5 +36,5 @@ def test_bench_generate_and_table_run(smoke_model_dir, tmp_path):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     text = readme.read_text(encoding="utf-8")
-    assert "### Generation" in text and "| fishtune (`fishtune.generation`" in text
+    assert "### Generation" in text and "| fishtune (`fishtune.infer.generation`" in text
     assert "not measured yet" in text  # the other benches have no results in the temp folder

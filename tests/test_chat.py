@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from fishtune.chat import ChatSession
+from fishtune.infer.chat import ChatSession
 from fishtune.errors import UserError
 from fishtune.template import get_template
-from test_loading import train_tiny_adapter
+from conftest import train_tiny_adapter
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 PROMPT_BLOCK = re.compile(r"--- prompt ---\n(.*?)\n--- end prompt ---", re.S)
@@ -245,7 +245,7 @@ def test_a_line_that_is_not_utf8_is_skipped_not_fatal(adapter):
 
 
 def test_ensure_utf8():
-    from fishtune.generation import ensure_utf8
+    from fishtune.infer.generation import ensure_utf8
 
     assert ensure_utf8("鱼") == "鱼"
     bad = b"ok\xff".decode("utf-8", "surrogateescape")

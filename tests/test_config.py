@@ -1,4 +1,4 @@
-"""fishtune.config: lora_config.yaml in MLX-LM's schema, precedence, validation."""
+"""fishtune.train.config: lora_config.yaml in MLX-LM's schema, precedence, validation."""
 from __future__ import annotations
 
 import json
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fishtune.adapter_meta import read_project_meta
-from fishtune.config import DEFAULT_CONFIG_PATH, MLX_DEFAULTS, TrainConfig, load_config
+from fishtune.project import read_project_meta
+from fishtune.train.config import DEFAULT_CONFIG_PATH, MLX_DEFAULTS, TrainConfig, load_config
 from fishtune.errors import UserError
 from fishtune.template import DEFAULT_SYSTEM_PROMPT
 
@@ -25,7 +25,7 @@ def write_yaml(tmp_path: Path, text: str, name: str = "cfg.yaml") -> Path:
 # ---------------------------------------------------------------- shipped file
 def test_shipped_lora_config_loads_with_the_seed_values():
     assert DEFAULT_CONFIG_PATH == REPO / "lora_config.yaml"
-    cfg = load_config(None)  # None -> the repo's lora_config.yaml
+    cfg = load_config(DEFAULT_CONFIG_PATH)  # what the scripts read when -c is not given
     assert cfg.config == str(DEFAULT_CONFIG_PATH)
     assert cfg.model == "Qwen/Qwen2-1.5B"
     assert cfg.fine_tune_type == "dora"
@@ -102,14 +102,20 @@ def test_precedence_defaults_yaml_cli(tmp_path):
     assert load_config(p, {"template": "alpaca", "mask_prompt": False}).project.mask_prompt is False
 
 
+def test_library_calls_never_read_the_repository_yaml_implicitly():
+    # Only the scripts fall back to lora_config.yaml; load_config(None) is the built-in defaults.
+    cfg = load_config(None)
+    assert cfg.config is None and cfg.iters == MLX_DEFAULTS["iters"] and cfg.lr_schedule is None
+
+
 def test_override_lora_parameters_merge_into_the_yaml_ones():
-    cfg = load_config(None, {"lora_parameters": {"rank": 4}})
+    cfg = load_config(DEFAULT_CONFIG_PATH, {"lora_parameters": {"rank": 4}})
     assert cfg.lora_parameters == {"rank": 4, "scale": 2.0, "dropout": 0.05}
 
 
 def test_cli_learning_rate_becomes_the_schedule_peak(caplog):
-    with caplog.at_level(logging.INFO, logger="fishtune.config"):
-        cfg = load_config(None, {"learning_rate": 2e-4})
+    with caplog.at_level(logging.INFO, logger="fishtune.train.config"):
+        cfg = load_config(DEFAULT_CONFIG_PATH, {"learning_rate": 2e-4})
     assert cfg.resolved_lr_schedule()["arguments"][0] == 2e-4
     assert cfg.to_mlx_dict()["lr_schedule"]["arguments"][0] == 2e-4
     assert "replaces lr_schedule.arguments[0]" in caplog.text
@@ -121,12 +127,12 @@ def test_schedule_peak_sets_learning_rate_when_only_the_schedule_is_given(tmp_pa
 
 
 def test_schedule_counts_optimizer_updates():
-    cfg = load_config(None, {"iters": 41, "grad_accumulation_steps": 4})
+    cfg = load_config(DEFAULT_CONFIG_PATH, {"iters": 41, "grad_accumulation_steps": 4})
     assert cfg.schedule_steps() == 10  # MLX-LM updates at iterations 4, 8, ..., 40
 
 
 def test_to_mlx_dict_is_mlx_schema_with_project_section():
-    cfg = load_config(None, {"model": "models/x", "adapter_path": "out"})
+    cfg = load_config(DEFAULT_CONFIG_PATH, {"model": "models/x", "adapter_path": "out"})
     d = cfg.to_mlx_dict()
     assert d["mask_prompt"] is False  # MLX-LM's; fishtune masks itself
     assert d["fishtune"] == {
@@ -164,7 +170,7 @@ def test_seed_flat_names_are_translated(tmp_path, caplog):
         gradient_checkpointing: true
         """,
     )
-    with caplog.at_level(logging.INFO, logger="fishtune.config"):
+    with caplog.at_level(logging.INFO, logger="fishtune.train.config"):
         cfg = load_config(p, {"iters": 40, "grad_accumulation_steps": 2, "learning_rate": 1e-4})
     assert cfg.lora_parameters == {"rank": 8, "scale": 2.0, "dropout": 0.05}
     assert cfg.optimizer_config["adamw"] == {"weight_decay": 0.0001, "bias_correction": True}
@@ -199,7 +205,7 @@ def test_flat_weight_decay_needs_an_optimizer_with_it(tmp_path):
 # ---------------------------------------------------------------- warnings
 def test_warmup_longer_than_the_run_warns(tmp_path, caplog):
     p = write_yaml(tmp_path, "warmup_steps: 100\n")  # the seed's value
-    with caplog.at_level(logging.WARNING, logger="fishtune.config"):
+    with caplog.at_level(logging.WARNING, logger="fishtune.train.config"):
         cfg = load_config(p, {"iters": 40, "grad_accumulation_steps": 2})
     assert cfg.resolved_lr_schedule()["warmup"] == 50
     assert "never reaches its peak" in caplog.text
@@ -207,14 +213,14 @@ def test_warmup_longer_than_the_run_warns(tmp_path, caplog):
 
 
 def test_sane_warmup_does_not_warn(caplog):
-    with caplog.at_level(logging.WARNING, logger="fishtune.config"):
-        load_config(None)
+    with caplog.at_level(logging.WARNING, logger="fishtune.train.config"):
+        load_config(DEFAULT_CONFIG_PATH)
     assert caplog.records == []
 
 
 def test_decay_shorter_than_the_run_warns(caplog):
-    with caplog.at_level(logging.WARNING, logger="fishtune.config"):
-        load_config(None, {"iters": 400})  # the YAML's decay_steps 17 was written for 20 updates
+    with caplog.at_level(logging.WARNING, logger="fishtune.train.config"):
+        load_config(DEFAULT_CONFIG_PATH, {"iters": 400})  # the YAML's decay_steps 17 was written for 20 updates
     assert "the cosine decay ends after update 20 of 200; the last 180 updates run at the final learning rate" in caplog.text
     assert "set lr_schedule.arguments[1] to 197" in caplog.text
 
@@ -241,7 +247,7 @@ def test_unknown_keys_name_the_closest_known_key(tmp_path, text, pattern):
 
 def test_unknown_override_key():
     with pytest.raises(UserError, match=r"command line: unknown key 'batchsize'; did you mean 'batch_size'\?"):
-        load_config(None, {"batchsize": 2})
+        load_config(DEFAULT_CONFIG_PATH, {"batchsize": 2})
 
 
 def test_project_key_at_top_level_of_yaml(tmp_path):
@@ -302,7 +308,7 @@ def test_bad_values_name_value_and_allowed_range(tmp_path, text, pattern):
 
 def test_cli_bad_value_names_the_command_line():
     with pytest.raises(UserError, match=r"^command line: batch_size must be an integer >= 1, got 0$"):
-        load_config(None, {"batch_size": 0})
+        load_config(DEFAULT_CONFIG_PATH, {"batch_size": 0})
 
 
 def test_mlx_mask_prompt_true_is_refused(tmp_path):

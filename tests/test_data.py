@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from fishtune.tokens import count_tokens
 from fishtune.data import (
     REJECT_CODES,
     DataOptions,
@@ -15,7 +16,6 @@ from fishtune.data import (
     Record,
     Rejection,
     build_report,
-    count_tokens,
     dedup,
     detect_fields,
     format_summary,
@@ -185,7 +185,7 @@ def test_messages_record_multi_turn():
         (["hi"], "bad_messages", r"messages\[0\] must be an object"),
         ([{"role": "bot", "content": "x"}], "bad_messages", r"messages\[0\].role is 'bot'"),
         ([{"role": "user", "content": "q"}], "bad_messages", "must end with an assistant answer"),
-        ([{"role": "assistant", "content": "a"}], "bad_messages", "turn 1 of 'messages' is assistant, expected user"),
+        ([{"role": "assistant", "content": "a"}], "bad_messages", "turn 1 of 'messages': expected a user turn, got assistant"),
         ([{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}], "empty_field", r"messages\[1\].content"),
         ([{"role": "user", "content": 1}, {"role": "assistant", "content": "a"}], "not_string", r"messages\[0\].content"),
         ([{"role": "user"}, {"role": "assistant", "content": "a"}], "missing_field", r"messages\[0\].content"),
@@ -488,19 +488,6 @@ def test_report_reconciles_and_summary(tmp_path):
         build_report(src, opts, QA, sp, [], dups)
 
 
-def test_read_data_report(tmp_path):
-    from fishtune.data import read_data_report
-
-    assert read_data_report(tmp_path) is None
-    (tmp_path / "report.json").write_text("{", encoding="utf-8")
-    with pytest.raises(UserError, match=r"report\.json is unreadable .*rerun process_data\.py --force"):
-        read_data_report(tmp_path)
-    inp = write_json(tmp_path / "in.json", synth_records(10))
-    rep = run_pipeline(DataOptions(input=inp, output_dir=tmp_path / "d", template="chatml", system_prompt=""))
-    assert read_data_report(tmp_path / "d") == rep
-    assert (rep["template"], rep["system_prompt"]) == ("chatml", "")
-
-
 def test_error_invalid_csv(tmp_path):
     p = tmp_path / "bad.csv"
     p.write_text("question,answer\n鱼病,治疗,多余\n", encoding="utf-8")
@@ -522,9 +509,3 @@ def test_error_max_seq_length_and_template(tmp_path):
         run_pipeline(DataOptions(input=inp, output_dir=tmp_path / "o", tokenizer=str(tmp_path), max_seq_length=0))
     with pytest.raises(UserError, match=r"unknown template 'llama'; choose one of: alpaca, chatml"):
         run_pipeline(DataOptions(input=inp, output_dir=tmp_path / "o", template="llama"))
-    (tmp_path / "r").mkdir()
-    (tmp_path / "r" / "report.json").write_text("[]", encoding="utf-8")
-    from fishtune.data import read_data_report
-
-    with pytest.raises(UserError, match=r"report\.json was not written by process_data\.py"):
-        read_data_report(tmp_path / "r")

@@ -70,11 +70,8 @@ def test_two_ranks_equal_one_process(smoke_model_dir, tmp_path):
     cfg = tmp_path / "lora_config.yaml"
     cfg.write_text("lora_parameters: {rank: 4, scale: 8.0, dropout: 0.0}\n", encoding="utf-8")
 
-    import importlib.util
+    from fishtune.train import cli as finetune
 
-    spec = importlib.util.spec_from_file_location("finetune", REPO / "finetune.py")
-    finetune = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(finetune)
     single = tmp_path / "single"
     assert run_cli(finetune.main)(_argv(smoke_model_dir, data, single, cfg)) == 0
 

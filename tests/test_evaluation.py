@@ -1,11 +1,11 @@
-"""fishtune.evaluation: character ROUGE-L / BLEU-4, scores, perplexity of references."""
+"""fishtune.infer.evaluation: character ROUGE-L / BLEU-4, scores, perplexity of references."""
 from __future__ import annotations
 
 import math
 
 import pytest
 
-from fishtune.evaluation import (
+from fishtune.infer.evaluation import (
     answer_nll,
     bleu4,
     format_table,

@@ -4,7 +4,6 @@ Real MLX-LM training on the tiny random smoke model (a handful of steps).
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -20,14 +19,7 @@ from fishtune.errors import UserError, run_cli
 import mlx.core as mx  # noqa: E402  (after fishtune: OpenBLAS first)
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name.replace("-", "_"), REPO / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-finetune = _load_script("finetune")
+from fishtune.train import cli as finetune  # noqa: E402  (finetune.py's main)
 
 
 def cli(*argv: str) -> int:
@@ -71,7 +63,7 @@ def model_and_tokenizer(smoke_model_dir):
 # Examples and masking (no training)
 # ---------------------------------------------------------------------------
 def test_examples_mask_the_prompt_and_end_with_the_end_token(tokenizer):
-    from fishtune.batching import build_examples
+    from fishtune.train.examples import build_examples
     from fishtune.template import DEFAULT_SYSTEM_PROMPT, get_template
 
     tpl = get_template("alpaca")
@@ -104,7 +96,8 @@ def test_examples_mask_the_prompt_and_end_with_the_end_token(tokenizer):
 
 
 def test_bad_records_name_the_line(tokenizer, tmp_path):
-    from fishtune.batching import build_examples, read_jsonl
+    from fishtune.fileio import read_jsonl
+    from fishtune.train.examples import build_examples
     from fishtune.template import get_template
 
     bad = tmp_path / "train.jsonl"
@@ -123,7 +116,7 @@ def test_masked_tokens_contribute_no_loss(model_and_tokenizer):
     """The loss equals a hand computation over the answer tokens only (no prompt, no padding)."""
     from mlx_lm.tuner.trainer import default_loss
 
-    from fishtune.batching import masked_loss
+    from fishtune.train.loss import masked_loss
 
     model, _ = model_and_tokenizer
     rng = np.random.default_rng(0)
@@ -149,7 +142,8 @@ def test_masked_tokens_contribute_no_loss(model_and_tokenizer):
 
 
 def test_batches_sorted_by_length_and_order_is_a_function_of_seed_and_step(tokenizer):
-    from fishtune.batching import TokenDataset, build_examples, iterate_batches, make_batch
+    from fishtune.train.batches import TokenDataset, iterate_batches, make_batch
+    from fishtune.train.examples import build_examples
     from fishtune.template import get_template
 
     rows = tiny_records(8)
@@ -225,7 +219,7 @@ def test_seed_command_line_writes_every_output(dora_run, smoke_model_dir):
     assert meta["template"] == "alpaca" and meta["base_model"] == str(smoke_model_dir)
     assert meta["mask_prompt"] is True and meta["status"] == "finished" and meta["system_prompt"]
 
-    from fishtune.adapter_meta import read_project_meta
+    from fishtune.project import read_project_meta
 
     assert read_project_meta(adapter).base_model == str(smoke_model_dir)
 
@@ -361,7 +355,10 @@ def test_loop_matches_mlx_lm_train(smoke_model_dir, tiny_data_dir, tmp_path):
     from mlx_lm.tuner.trainer import TrainingArgs, train
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
-    from fishtune.batching import TokenDataset, build_examples, iterate_batches, masked_loss, read_jsonl
+    from fishtune.fileio import read_jsonl
+    from fishtune.train.batches import TokenDataset, iterate_batches
+    from fishtune.train.examples import build_examples
+    from fishtune.train.loss import masked_loss
     from fishtune.template import DEFAULT_SYSTEM_PROMPT, get_template
 
     ours = tmp_path / "ours"

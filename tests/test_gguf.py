@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fishtune.errors import UserError, run_cli
-from fishtune.gguf_export import read_gguf_header, tensor_type_counts
+from fishtune.export.gguf_writer import read_gguf_header, tensor_type_counts
 from fishtune.template import DEFAULT_SYSTEM_PROMPT, get_template
 
 REPO = Path(__file__).resolve().parent.parent
@@ -188,8 +188,8 @@ def test_q4_k_m_on_tiny_reports_fallback(smoke_model_dir, tmp_path, capsys):
 
 
 def test_project_meta_drives_template_eos_and_modelfile(smoke_model_dir, tmp_path, capsys):
-    from fishtune.adapter_meta import ProjectMeta
-    from fishtune.modelfile import parse_modelfile
+    from fishtune.project import ProjectMeta
+    from fishtune.export.modelfile import parse_modelfile
 
     hf = linked_copy(smoke_model_dir, tmp_path / "hf")
     meta = ProjectMeta(template="chatml", system_prompt="你是鱼医生。", base_model="Qwen/Qwen2-0.5B")
@@ -215,8 +215,8 @@ def test_llama_family_permute_matches_transformers(smoke_model_dir, tmp_path):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fishtune.gguf_export import load_project_meta, read_hf_model, write_gguf
-    from fishtune.gguf_verify import open_llama
+    from fishtune.export.gguf_writer import load_project_meta, read_hf_model, write_gguf
+    from fishtune.export.verify import open_llama
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -303,7 +303,7 @@ def test_cli_error_is_one_line(tmp_path):
 
 
 def test_default_system_prompt_is_the_seed_one():
-    from fishtune.gguf_export import load_project_meta
+    from fishtune.export.gguf_writer import load_project_meta
 
     meta = load_project_meta("/nonexistent-dir")
     assert meta.system_prompt == DEFAULT_SYSTEM_PROMPT and meta.template == "alpaca"
@@ -312,7 +312,7 @@ def test_default_system_prompt_is_the_seed_one():
 @pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
 def test_proof_fails_on_a_broken_conversion(smoke_model_dir, tmp_path, monkeypatch, capsys, qtype):
     """Fault injection: a writer that flips one weight matrix is caught, exit 1, no Modelfile."""
-    from fishtune import gguf_export
+    from fishtune.export import gguf_writer as gguf_export
 
     real = gguf_export.load_tensor
 
@@ -337,7 +337,7 @@ def test_proof_fails_on_a_broken_conversion(smoke_model_dir, tmp_path, monkeypat
 
 def test_rope_theta_from_either_config_place(smoke_model_dir, tmp_path, capsys):
     """transformers < 5 writes rope_theta, >= 5 only rope_parameters.rope_theta: both reach qwen2.rope.freq_base."""
-    from fishtune.gguf_export import read_hf_model
+    from fishtune.export.gguf_writer import read_hf_model
 
     cfg = json.loads((smoke_model_dir / "config.json").read_text())
     for i, (top, nested) in enumerate([(None, 1e6), (5e5, None), (5e5, 5e5)]):
@@ -357,10 +357,10 @@ def test_rope_theta_from_either_config_place(smoke_model_dir, tmp_path, capsys):
 
 def test_other_llama_cpp_quant_types_load_and_run(smoke_model_k256_dir, tmp_path):
     """Q5_K_M, Q6_K and Q4_0 from one F16 intermediate (k256: real K-quant tensors); llama.cpp runs each."""
-    from fishtune.adapter_meta import ProjectMeta
-    from fishtune.gguf_export import read_hf_model, write_gguf
-    from fishtune.gguf_verify import open_llama
-    from fishtune.quantize import quantize_with_llama_cpp
+    from fishtune.project import ProjectMeta
+    from fishtune.export.gguf_writer import read_hf_model, write_gguf
+    from fishtune.export.verify import open_llama
+    from fishtune.export.quantize import quantize_with_llama_cpp
 
     pytest.importorskip("llama_cpp")
     f16 = tmp_path / "m-f16.gguf"

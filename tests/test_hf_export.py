@@ -35,7 +35,7 @@ def adapters(smoke_model_dir, tiny_data_dir, tmp_path_factory):
     """A DoRA and a LoRA adapter: real 2-step MLX-LM training, then random non-zero weights so the
     adapter visibly changes the model (a wrong transpose or scale can't hide). Shared with the other
     test modules of the session (read only)."""
-    from test_loading import train_tiny_adapter
+    from conftest import train_tiny_adapter
 
     root = tmp_path_factory.mktemp("hf_export_adapters")
     return {kind: train_tiny_adapter(smoke_model_dir, tiny_data_dir, root / kind, kind) for kind in ("dora", "lora")}
@@ -44,7 +44,7 @@ def adapters(smoke_model_dir, tiny_data_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def exports(adapters, tmp_path_factory):
     """The float32 export (with the proof) of each adapter, shared by the tests that inspect it."""
-    from fishtune.hf_export import export_huggingface
+    from fishtune.export.hf import export_huggingface
 
     root = tmp_path_factory.mktemp("hf_exports")
     return {kind: (root / kind, export_huggingface(None, adapters[kind], root / kind)) for kind in adapters}
@@ -83,7 +83,7 @@ def test_export_is_proven_equal(kind, adapters, exports, smoke_model_dir):
     assert peft_cfg["target_modules"] and peft_cfg["layers_to_transform"]
     assert peft_cfg["base_model_name_or_path"]
     tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
-    from fishtune.adapter_meta import read_project_meta
+    from fishtune.project import read_project_meta
 
     assert tok_cfg["chat_template"] == read_project_meta(adapters[kind]).prompt_template.jinja_chat_template()
 
@@ -105,7 +105,7 @@ def test_half_precision_sharded_export_states_its_tolerance(dtype, adapters, tmp
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    from fishtune.hf_export import TOLERANCE
+    from fishtune.export.hf import TOLERANCE
 
     out = tmp_path / "hf"
     # 0.01 GiB: the 39 MB tied embedding is a shard of its own, the rest another
@@ -131,16 +131,17 @@ def test_half_precision_sharded_export_states_its_tolerance(dtype, adapters, tmp
 def test_quantized_base_is_dequantized_and_fused(smoke_model_dir, tiny_data_dir, tmp_path):
     from mlx_lm.convert import convert
 
-    from fishtune.hf_export import export_huggingface
-    from fishtune.training import train_adapter
-    from test_loading import randomize_adapter
+    from fishtune.export.hf import export_huggingface
+    from conftest import randomize_adapter
+    from fishtune.train.config import DEFAULT_CONFIG_PATH
+    from fishtune.train.trainer import train_adapter
 
     qdir = tmp_path / "q4"
     # the tiny model's rows (64, 128) are multiples of the group size: cheap to quantize and train
     convert(str(smoke_model_dir), mlx_path=str(qdir), quantize=True, q_bits=4, q_group_size=64)
     adapter = train_adapter(
         str(qdir), str(tiny_data_dir), str(tmp_path / "qlora"), fine_tune_type="dora", iters=2,
-        batch_size=2, max_seq_length=128, val_batches=1,
+        config=DEFAULT_CONFIG_PATH, batch_size=2, max_seq_length=128, val_batches=1,
     )
     randomize_adapter(adapter)  # make the adapter matter (2 steps barely move it)
     out = tmp_path / "hf"
@@ -157,7 +158,7 @@ def test_non_finite_weights_are_refused(adapters, tmp_path):
     import numpy as np
     from safetensors.numpy import load_file, save_file
 
-    from fishtune.hf_export import export_huggingface
+    from fishtune.export.hf import export_huggingface
 
     bad = tmp_path / "bad"
     shutil.copytree(adapters["lora"], bad)
@@ -176,7 +177,7 @@ def test_output_exists_needs_force(adapters, tmp_path):
     out.mkdir()
     (out / "model.safetensors").write_text("finished work")
     with pytest.raises(UserError, match="already exists; pass --force"):
-        from fishtune.hf_export import export_huggingface
+        from fishtune.export.hf import export_huggingface
 
         export_huggingface(None, adapters["lora"], out)
     assert (out / "model.safetensors").read_text() == "finished work"
@@ -184,7 +185,7 @@ def test_output_exists_needs_force(adapters, tmp_path):
 
 def test_adapter_on_another_base_names_the_tensor(adapters, smoke_model_k256_dir, tmp_path):
     with pytest.raises(UserError, match=r"trained on another base model .*lora_[ab]: adapter shape \(.*\) does not match model parameter shape"):
-        from fishtune.hf_export import export_huggingface
+        from fishtune.export.hf import export_huggingface
 
         export_huggingface(str(smoke_model_k256_dir), adapters["lora"], tmp_path / "hf")
 
@@ -198,7 +199,7 @@ def test_unknown_architecture_is_named(adapters, smoke_model_dir, tmp_path):
     cfg["model_type"] = "falcon_mamba"
     (base / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError, match="falcon_mamba"):
-        from fishtune.hf_export import export_huggingface
+        from fishtune.export.hf import export_huggingface
 
         export_huggingface(str(base), adapters["lora"], tmp_path / "hf")
 
@@ -215,7 +216,7 @@ def test_script_exit_codes(adapters, tmp_path):
 
 def test_failed_proof_exits_1_with_the_numbers(adapters, tmp_path, monkeypatch, capsys):
     """Fault injection: a fused weight flipped after fusing is caught; exit 1, numbers printed."""
-    from fishtune import hf_export
+    from fishtune.export import hf as hf_export
 
     real = hf_export._check_finite
 

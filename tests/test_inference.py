@@ -1,11 +1,10 @@
-"""inference.py and fishtune.generation: one question, raw prompt, batch, evaluation, stop strings, errors.
+"""inference.py and fishtune.infer.generation: one question, raw prompt, batch, evaluation, stop strings, errors.
 
 Real MLX-LM generation on the tiny smoke model with an adapter trained in the test.
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,18 +16,11 @@ import pytest
 
 from conftest import REPO
 from fishtune.errors import UserError, run_cli
-from fishtune.generation import SamplingConfig, StopStringFilter
-from test_loading import train_tiny_adapter
+from fishtune.infer.generation import SamplingConfig, StopStringFilter
+from conftest import train_tiny_adapter
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name.replace("-", "_"), REPO / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-inference = _load_script("inference")
+from fishtune.infer import cli as inference  # noqa: E402  (inference.py's main)
 
 
 def cli(*argv) -> int:
@@ -101,7 +93,7 @@ def test_sampling_config_validation():
 
 # ---- generation on the real model -------------------------------------------------------
 def test_stop_strings_cut_real_generation(lm):
-    from fishtune.generation import generate, stream_generate
+    from fishtune.infer.generation import generate, stream_generate
 
     greedy = SamplingConfig(temperature=0, max_tokens=24)
     prompt = lm.template.question_prompt("鱼身上有白点怎么办？", lm.system_prompt)
@@ -121,7 +113,7 @@ def test_stop_strings_cut_real_generation(lm):
 
 
 def test_length_and_cancel(lm):
-    from fishtune.generation import generate, stream_generate
+    from fishtune.infer.generation import generate, stream_generate
 
     prompt = lm.template.question_prompt("金鱼翻肚子怎么办？", lm.system_prompt)
     res = generate(lm, prompt, SamplingConfig(temperature=0, max_tokens=5))
@@ -290,7 +282,7 @@ def test_help_imports_nothing_heavy(script):
 
 
 def test_multi_turn_rows_are_prompted_with_their_history(lm, tmp_path, capsys):
-    from fishtune.generation import generate
+    from fishtune.infer.generation import generate
 
     history = [{"role": "user", "content": "鱼病"}, {"role": "assistant", "content": "隔离观察两周。"}]
     row = {"question": "要换水吗？", "answer": "要。", "history": history}

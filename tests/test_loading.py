@@ -16,46 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import train_tiny_adapter
 from fishtune.errors import UserError
 
 import mlx.core as mx  # noqa: E402  (after fishtune: OpenBLAS first)
 
 
-_TRAINED: dict[tuple, Path] = {}  # one training run per test session (test_inference/test_chat reuse it)
-
-
-def train_tiny_adapter(model_dir: Path, data_dir: Path, out: Path, fine_tune_type: str = "dora") -> Path:
-    """A real (2-step) MLX-LM training run, then random non-zero adapter weights.
-
-    Callers must not modify the returned folder (copy it first): it is shared.
-    """
-    from fishtune.training import train_adapter
-
-    key = (str(model_dir), str(data_dir), fine_tune_type)
-    done = _TRAINED.get(key)
-    if done is not None and (done / "adapters.safetensors").is_file():
-        return done
-    train_adapter(model_dir, data_dir, out, fine_tune_type, iters=2, num_layers=2)
-    randomize_adapter(out)
-    _TRAINED[key] = out
-    return out
-
-
-def randomize_adapter(adapter_dir: Path, seed: int = 0) -> None:
-    """Training 2 steps barely moves lora_b off zero: make the adapter matter."""
-    path = adapter_dir / "adapters.safetensors"
-    weights = mx.load(str(path))
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, w in sorted(weights.items()):
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf in ("lora_a", "lora_b"):
-            out[name] = mx.array(rng.normal(0, 0.2, w.shape).astype(np.float32)).astype(w.dtype)
-        elif leaf == "m":
-            out[name] = (w * mx.array(rng.uniform(0.8, 1.2, w.shape).astype(np.float32))).astype(w.dtype)
-        else:
-            out[name] = w
-    mx.save_safetensors(str(path), out)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fishtune.errors import UserError
-from fishtune.modelfile import (
+from fishtune.export.modelfile import (
     REPO_MODELFILE_FROM,
     from_path,
     parse_modelfile,
@@ -154,7 +154,7 @@ def test_no_system_line_without_system_prompt():
 
 def test_modelfile_cli(tmp_path, capsys):
     from fishtune.errors import run_cli
-    from fishtune.modelfile import main
+    from fishtune.export.modelfile import main
 
     out = tmp_path / "Modelfile"
     gguf = tmp_path / "ollama_model" / "qwen2-fish.gguf"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import process_data
+from fishtune.data import cli as process_data  # process_data.py's main
 from fishtune.errors import UserError, run_cli
 from fishtune.template import DEFAULT_SYSTEM_PROMPT, get_template
 from tests.test_data import CATEGORIES, synth_records

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REPO
 from fishtune.errors import UserError
-from fishtune.training import latest_checkpoint, list_checkpoints
+from fishtune.train.checkpoints import latest_checkpoint, list_checkpoints
 
 import mlx.core as mx  # noqa: E402  (after fishtune)
 
@@ -39,12 +39,9 @@ def _argv(model: Path, data: Path, adapter: Path, cfg: Path, iters: int = 7) -> 
 
 
 def _finetune_main():
-    import importlib.util
+    from fishtune.train.cli import main
 
-    spec = importlib.util.spec_from_file_location("finetune", REPO / "finetune.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.main
+    return main
 
 
 def _weights(path: Path) -> dict[str, np.ndarray]:

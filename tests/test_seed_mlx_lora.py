@@ -4,7 +4,7 @@ Runs the seed's command with its exact flag set (only values changed for
 speed: the smoke model, the tiny data, 4 iterations of batch 1) against the
 shipped lora_config.yaml, then proves from the run's adapter_config.json and
 adapters.safetensors that every setting of the YAML was used, and that
-fishtune.config resolves the same file + flags to the same MLX-LM args.
+fishtune.train.config resolves the same file + flags to the same MLX-LM args.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from fishtune.adapter_meta import read_project_meta
-from fishtune.config import MLX_DEFAULTS, load_config
+from fishtune.project import read_project_meta
+from fishtune.train.config import MLX_DEFAULTS, load_config
 from fishtune.template import DEFAULT_SYSTEM_PROMPT
 
 REPO = Path(__file__).resolve().parent.parent

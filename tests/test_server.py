@@ -19,95 +19,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import ARTIFACTS, REPO
-from fishtune.chat import ChatSession
+from conftest import ARTIFACTS, REPO, ServerProcess, free_port, server_adapter, sse_events
+from fishtune.infer.chat import ChatSession
 from fishtune.errors import UserError
-from fishtune.sessions import SessionStore, check_session_id
+from fishtune.serve.sessions import SessionStore, check_session_id
 from fishtune.template import get_template
-
-# ---- helpers shared with test_server_browser.py / test_server_backends.py -------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """``python server.py ...`` on a free loopback port; waits for /api/health."""
-
-    def __init__(self, args: list[str], log_path: Path, script: str = "server.py", timeout_s: float = 120.0):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        self._log = open(log_path, "w", encoding="utf-8")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(REPO / script), *map(str, args), "--port", str(self.port)],
-            cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{script} exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if requests.get(self.url + "/api/health", timeout=2).status_code == 200:
-                    return
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"{script} did not answer /api/health in {timeout_s} s:\n{self.log()}")
-            time.sleep(0.2)
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
-
-def server_adapter(smoke_model_dir: Path, tiny_data_dir: Path) -> Path:
-    """A DoRA adapter for the smoke model, trained once and kept under tests/artifacts."""
-    import hashlib
-
-    out = ARTIFACTS / "server-adapter"
-    # Keyed on the smoke model's config: a rebuilt, different smoke model gets a new adapter.
-    key = hashlib.sha256((Path(smoke_model_dir) / "config.json").read_bytes()).hexdigest()[:16]
-    stamp = out / "smoke_model_key.txt"
-    if (out / "adapters.safetensors").is_file() and stamp.is_file() and stamp.read_text() == key:
-        return out
-    from test_loading import train_tiny_adapter
-
-    tmp = ARTIFACTS / f"server-adapter.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    trained = train_tiny_adapter(smoke_model_dir, tiny_data_dir, tmp)
-    if Path(trained) != tmp:  # an adapter trained earlier in this session is shared: copy it
-        shutil.copytree(trained, tmp)
-    (tmp / "smoke_model_key.txt").write_text(key)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
-
-
-def sse_events(resp: requests.Response) -> list:
-    """The ``data:`` payloads of a Server-Sent Events response (``[DONE]`` kept as a string)."""
-    out = []
-    for line in resp.iter_lines(decode_unicode=True):
-        if line and line.startswith("data: "):
-            data = line[len("data: "):]
-            out.append(data if data == "[DONE]" else json.loads(data))
-    return out
-
 
 @pytest.fixture(scope="module")
 def server(smoke_model_dir, tiny_data_dir, tmp_path_factory):

@@ -14,9 +14,9 @@ import requests
 
 from conftest import REPO
 from fishtune.errors import UserError
-from fishtune.generation import SamplingConfig
+from fishtune.infer.generation import SamplingConfig
 from fake_ollama import FakeOllama
-from test_server import ServerProcess, free_port, sse_events
+from conftest import ServerProcess, free_port, sse_events
 
 
 # ---- Ollama -------------------------------------------------------------------------
@@ -139,8 +139,8 @@ def test_ollama_web_chat_wrapper(fake, tmp_path):
 @pytest.fixture(scope="module")
 def gguf_file(smoke_model_dir, tmp_path_factory):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
-    from fishtune.adapter_meta import ProjectMeta
-    from fishtune.gguf_export import read_hf_model, write_gguf
+    from fishtune.project import ProjectMeta
+    from fishtune.export.gguf_writer import read_hf_model, write_gguf
 
     out = tmp_path_factory.mktemp("gguf") / "smoke-f16.gguf"
     write_gguf(read_hf_model(smoke_model_dir), ProjectMeta(base_model=str(smoke_model_dir)), out, "F16",
@@ -182,7 +182,7 @@ def test_quantized_gguf_server(gguf_file, tmp_path):
     The server loads through gguf_verify.open_llama (plain CPU buffers): llama.cpp's AMX path
     crashes on quantized models in some VMs, and this one advertises AMX.
     """
-    from fishtune.quantize import quantize_with_llama_cpp
+    from fishtune.export.quantize import quantize_with_llama_cpp
 
     q4 = tmp_path / "smoke-q4_k_m.gguf"
     quantize_with_llama_cpp(gguf_file, q4, "Q4_K_M", nthread=2)
@@ -202,8 +202,8 @@ def test_quantized_gguf_server(gguf_file, tmp_path):
 
 
 def test_gguf_system_prompt_from_modelfile(gguf_file):
-    from fishtune.backends import LlamaCppBackend, gguf_project_meta
-    from fishtune.modelfile import render_modelfile
+    from fishtune.serve.backends import LlamaCppBackend, gguf_project_meta
+    from fishtune.export.modelfile import render_modelfile
     from fishtune.template import get_template
 
     folder = gguf_file.parent
@@ -230,8 +230,8 @@ def test_gguf_system_prompt_from_modelfile(gguf_file):
 
 
 def test_app_internal_error_is_json_without_traceback(fake):
-    from fishtune.backends import OllamaBackend
-    from fishtune.webapp import create_app
+    from fishtune.serve.backends import OllamaBackend
+    from fishtune.serve.app import create_app
 
     app = create_app(OllamaBackend("fish-care-assistant", fake.url))
 
@@ -247,8 +247,8 @@ def test_app_internal_error_is_json_without_traceback(fake):
 
 
 def test_page_assets_are_local_and_headers(fake):
-    from fishtune.backends import OllamaBackend
-    from fishtune.webapp import COOKIE, create_app
+    from fishtune.serve.backends import OllamaBackend
+    from fishtune.serve.app import COOKIE, create_app
 
     c = create_app(OllamaBackend("fish-care-assistant", fake.url)).test_client()
     r = c.get("/")

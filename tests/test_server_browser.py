@@ -13,7 +13,7 @@ import pytest
 
 from conftest import ARTIFACTS
 from fake_ollama import FakeOllama
-from test_server import ServerProcess, server_adapter
+from conftest import ServerProcess, server_adapter
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

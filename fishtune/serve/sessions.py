@@ -21,7 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
-from fishtune.chat import ChatSession
+from fishtune.infer.chat import ChatSession
 from fishtune.errors import UserError
 
 logger = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """GGUF quantization: llama.cpp's own quantizer for K-quants and Q4_0.
 
-F32 / F16 / BF16 / Q8_0 are written directly by ``fishtune.gguf_export``
+F32 / F16 / BF16 / Q8_0 are written directly by ``fishtune.export.gguf_writer``
 (Q8_0 with ``gguf``'s numpy port of llama.cpp's reference quantizer), so
 they work without llama.cpp. The K-quants use llama.cpp itself through
 llama-cpp-python's ``llama_model_quantize`` on an unquantized intermediate:
@@ -92,7 +92,7 @@ def fallback_tensors(gguf_path: str | os.PathLike, qtype: str) -> list[tuple[str
     llama.cpp cannot store those as K-quants and falls back (Q4_K -> Q5_0,
     Q5_K -> Q5_1, Q6_K -> Q8_0).
     """
-    from fishtune.gguf_export import read_gguf_header
+    from fishtune.export.gguf_writer import read_gguf_header
 
     if not qtype.startswith(("Q4_K", "Q5_K", "Q6_K")):
         return []

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from fishtune.adapter_meta import ADAPTER_WEIGHTS, ProjectMeta, read_adapter_config, read_project_meta
+from fishtune.project import AdapterFiles, ProjectMeta, read_adapter_config, read_project_meta
 from fishtune.errors import UserError
 from fishtune.fileio import atomic_write_json, ensure_can_write, replace_dir
 
@@ -233,7 +233,7 @@ def write_peft_adapter(adapter_path: Path, adapter_config: dict[str, Any], meta:
     params = adapter_config.get("lora_parameters", {})
     rank = int(params.get("rank", 8))
     scale = float(params.get("scale", 20.0))
-    raw = {k: np.array(v.astype(mx.float32)) for k, v in mx.load(str(adapter_path / ADAPTER_WEIGHTS)).items()}
+    raw = {k: np.array(v.astype(mx.float32)) for k, v in mx.load(str(adapter_path / AdapterFiles.WEIGHTS)).items()}
     tensors, targets, layers = _peft_tensors(raw, dora=fine_tune_type == "dora")
     config = LoraConfig(
         r=rank,

@@ -153,7 +153,7 @@ class HFReference:
         """
         import gguf
 
-        from fishtune.gguf_export import inverse_permute_rope, plan_tensors, read_gguf_header, read_hf_model
+        from fishtune.export.gguf_writer import inverse_permute_rope, plan_tensors, read_gguf_header, read_hf_model
 
         hf_model = read_hf_model(self.hf_dir)
         plans = {p.gguf_name: p for p in plan_tensors(hf_model, "F32")}

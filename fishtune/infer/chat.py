@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from fishtune.errors import UserError
-from fishtune.generation import ensure_utf8
+from fishtune.infer.generation import ensure_utf8
 from fishtune.template import PromptTemplate
 
 logger = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ Modelfile's directory). So ``ollama_model/Modelfile`` says
 ``FROM ./qwen2-fish.gguf`` and the repo's top-level ``Modelfile`` says
 ``FROM ./ollama_model/qwen2-fish.gguf``.
 
-Run ``python -m fishtune.modelfile`` to (re)write a Modelfile by hand.
+Run ``python -m fishtune.export.modelfile`` to (re)write a Modelfile by hand.
 """
 from __future__ import annotations
 
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     from fishtune.errors import setup_logging
     from fishtune.fileio import ensure_can_write
 
-    ap = argparse.ArgumentParser(prog="python -m fishtune.modelfile", description="Write an Ollama Modelfile for a GGUF file.")
+    ap = argparse.ArgumentParser(prog="python -m fishtune.export.modelfile", description="Write an Ollama Modelfile for a GGUF file.")
     ap.add_argument("--gguf", default=DEFAULT_GGUF, help="the GGUF file FROM points at (default: %(default)s)")
     ap.add_argument("--output", default="Modelfile", help="Modelfile to write (default: %(default)s)")
     ap.add_argument("--hf-model-dir", default=None, help="read template/system prompt from its fishtune.json")
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
     setup_logging(args.verbose)
-    from fishtune.gguf_export import load_project_meta
+    from fishtune.export.gguf_writer import load_project_meta
 
     meta = load_project_meta(args.hf_model_dir or "huggingface_model", args.template, args.system_prompt)
     ensure_can_write(args.output, args.force, "Modelfile")

@@ -20,9 +20,10 @@ import math
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from fishtune.errors import UserError
+from fishtune.template import find_stop
 
 if TYPE_CHECKING:
     from fishtune.loading import LoadedModel
@@ -139,7 +140,7 @@ class StopStringFilter:
         if self.stopped:
             return "", True
         self._buf += piece
-        cut = min((i for i in (self._buf.find(s) for s in self.stops) if i >= 0), default=-1)
+        cut = find_stop(self._buf, self.stops)
         if cut >= 0:
             out = self._buf[:cut].rstrip()
             self._buf = ""
@@ -241,10 +242,15 @@ def generate(
     cancel: threading.Event | None = None,
 ) -> GenerationResult:
     """The whole answer at once (``stream_generate`` collected)."""
+    return collect(stream_generate(lm, prompt, sampling, cancel=cancel))
+
+
+def collect(chunks: Iterable[GenerationChunk]) -> GenerationResult:
+    """A stream of chunks (any back end's) as one result; the last chunk has the counts."""
     t0 = time.perf_counter()
     parts: list[str] = []
     final = GenerationChunk("", "length")
-    for chunk in stream_generate(lm, prompt, sampling, cancel=cancel):
+    for chunk in chunks:
         parts.append(chunk.text)
         if chunk.finish_reason is not None:
             final = chunk
@@ -281,4 +287,4 @@ def sampling_from_args(args: argparse.Namespace, **defaults: Any) -> SamplingCon
 
 
 __all__ = ["add_sampling_args", "sampling_from_args", "SamplingConfig", "GenerationChunk", "GenerationResult", "StopStringFilter", "stream_generate",
-           "generate", "encode_prompt", "ensure_utf8", "FINISH_REASONS"]
+           "generate", "collect", "encode_prompt", "ensure_utf8", "FINISH_REASONS"]

@@ -1,4 +1,4 @@
-"""The web chat: a Flask app (page + JSON API) over any :mod:`fishtune.backends` back end.
+"""The web chat: a Flask app (page + JSON API) over any :mod:`fishtune.serve.backends` back end.
 
 Endpoints (all errors are JSON ``{"error": "..."}`` with a 4xx/5xx status,
 never a stack trace):
@@ -13,7 +13,7 @@ never a stack trace):
 * ``GET /api/health``: back end, model, adapter, template, sessions.
 * ``POST /v1/chat/completions``, ``GET /v1/models``: OpenAI-compatible, stateless.
 
-Several users: each session has its own history (:mod:`fishtune.sessions`,
+Several users: each session has its own history (:mod:`fishtune.serve.sessions`,
 bounded and expiring) and its own lock; generation itself is serialized by
 one gate (an MLX / llama.cpp model is not thread-safe), so waitress threads
 queue for it. A client that disconnects while streaming cancels its generation.
@@ -29,11 +29,11 @@ import time
 import uuid
 from typing import Any, Callable, Iterator
 
-from fishtune.backends import Backend, BackendError
-from fishtune.chat import ChatSession
+from fishtune.serve.backends import Backend, BackendError
+from fishtune.infer.chat import ChatSession
 from fishtune.errors import UserError
-from fishtune.generation import SamplingConfig
-from fishtune.sessions import SessionEntry, SessionStore, check_session_id, new_session_id
+from fishtune.infer.generation import SamplingConfig
+from fishtune.serve.sessions import SessionEntry, SessionStore, check_session_id, new_session_id
 
 logger = logging.getLogger(__name__)
 

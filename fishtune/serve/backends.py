@@ -1,7 +1,7 @@
 """Generation back ends for the web server, behind one small interface.
 
 * :class:`MLXBackend`: base model + adapter through :mod:`fishtune.loading`
-  and :mod:`fishtune.generation` (the fine-tuned model as trained).
+  and :mod:`fishtune.infer.generation` (the fine-tuned model as trained).
 * :class:`LlamaCppBackend`: a GGUF file through llama.cpp (``llama_cpp.Llama``),
   prompted with the project template found in the GGUF's metadata, the
   Modelfile or ``fishtune.json`` next to it, or the default.
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from fishtune.errors import UserError
-from fishtune.generation import GenerationChunk, GenerationResult, SamplingConfig, StopStringFilter
+from fishtune.infer.generation import GenerationChunk, GenerationResult, SamplingConfig, StopStringFilter
 from fishtune.template import DEFAULT_SYSTEM_PROMPT, PromptTemplate, get_template, template_names
 
 logger = logging.getLogger(__name__)
@@ -113,14 +113,9 @@ class MLXBackend(Backend):
     @classmethod
     def load(cls, model: str | None, adapter_path: str | None, *, no_adapter: bool = False,
              context_tokens: int = 2048, system_prompt: str | None = None) -> "MLXBackend":
-        import fishtune  # noqa: F401  (OpenBLAS before mlx)
-        from fishtune.loading import load_model, meta_for_base
+        from fishtune.loading import load_model
 
-        if no_adapter:
-            meta = meta_for_base(adapter_path)
-            lm = load_model(model or meta.base_model, None, meta=meta)
-        else:
-            lm = load_model(model, adapter_path)
+        lm = load_model(model, adapter_path, no_adapter=no_adapter)
         logger.info("loaded %s", lm.describe())
         return cls(lm, context_tokens, system_prompt)
 
@@ -135,7 +130,7 @@ class MLXBackend(Backend):
     def stream_chat(self, messages, sampling, cancel=None):
         import dataclasses
 
-        from fishtune.generation import stream_generate
+        from fishtune.infer.generation import stream_generate
 
         if sampling.seed is None:
             # MLX's random state is per thread and starts the same in each new thread:
@@ -181,7 +176,7 @@ def gguf_project_meta(gguf_path: Path, metadata: dict[str, str]) -> tuple[Prompt
     system: str | None = None
     modelfile = gguf_path.parent / "Modelfile"
     if modelfile.is_file():
-        from fishtune.modelfile import parse_modelfile
+        from fishtune.export.modelfile import parse_modelfile
 
         try:
             pairs = dict(parse_modelfile(modelfile.read_text(encoding="utf-8")))
@@ -237,7 +232,7 @@ class LlamaCppBackend(Backend):
             import llama_cpp
         except ImportError:
             raise UserError("--gguf needs llama-cpp-python (pip install llama-cpp-python)") from None
-        from fishtune.gguf_verify import open_llama
+        from fishtune.export.verify import open_llama
 
         self._llama_cpp = llama_cpp
         self.path = path

@@ -30,10 +30,10 @@ from typing import Any
 
 import numpy as np
 
-from fishtune.adapter_meta import ProjectMeta
+from fishtune.project import ProjectMeta
 from fishtune.errors import UserError
 from fishtune.fileio import read_json_object
-from fishtune.quantize import OUTTYPES  # noqa: F401  (re-exported)
+from fishtune.export.quantize import OUTTYPES  # noqa: F401  (re-exported)
 from fishtune.template import PromptTemplate
 
 logger = logging.getLogger(__name__)

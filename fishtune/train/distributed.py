@@ -9,7 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any
+from typing import Any, Callable, TypeVar
+
+from fishtune.errors import UserError
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +42,25 @@ def bcast_int(value: int, group: Any) -> int:
         return value
     arr = mx.array([value if group.rank() == 0 else 0], dtype=mx.int64)
     return int(mx.distributed.all_sum(arr, group=group, stream=mx.cpu).item())
+
+
+def on_rank0(fn: Callable[[], T], group: Any, what: str) -> T | None:
+    """Run ``fn`` on rank 0 only; every rank learns whether it failed.
+
+    A UserError on rank 0 is raised on every rank (the others get a pointer
+    to rank 0's message), so no rank waits forever for a peer that gave up.
+    Returns ``fn()`` on rank 0 and None elsewhere.
+    """
+    value: T | None = None
+    err: UserError | None = None
+    if group.rank() == 0:
+        try:
+            value = fn()
+        except UserError as exc:
+            err = exc
+    if bcast_int(1 if err else 0, group):
+        raise err or UserError(f"rank 0 could not {what}; see its error message")
+    return value
 
 
 def all_sum_float(value: Any, group: Any) -> float:

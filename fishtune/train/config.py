@@ -42,13 +42,13 @@ from typing import Any, Callable
 
 import yaml
 
-from fishtune.adapter_meta import META_KEY, ProjectMeta
 from fishtune.errors import UserError
+from fishtune.project import DEFAULT_BASE_MODEL, META_KEY
 from fishtune.template import DEFAULT_SYSTEM_PROMPT, DEFAULT_TEMPLATE, get_template
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG_PATH = REPO_ROOT / "lora_config.yaml"
 CLI_SOURCE = "command line"
 DEFAULT_SOURCE = "defaults"
@@ -80,7 +80,7 @@ MIN_SEQ_LENGTH = 16
 
 # MLX-LM's keys with fishtune's built-in defaults (see the module docstring).
 MLX_DEFAULTS: dict[str, Any] = {
-    "model": "Qwen/Qwen2-1.5B",
+    "model": DEFAULT_BASE_MODEL,
     "train": False,
     "fine_tune_type": "dora",
     "optimizer": "adam",
@@ -418,9 +418,6 @@ class TrainConfig:
             "resume": p.resume,
         }
 
-    def project_meta(self) -> ProjectMeta:
-        return ProjectMeta.from_dict(self.project_dict())
-
     def to_mlx_dict(self) -> dict[str, Any]:
         """MLX-LM's resolved args (what goes into adapter_config.json).
 
@@ -606,7 +603,6 @@ class _Merger:
                     if cli:  # Python/CLI callers may give just {"rank": 4}: merge, no raw-MLX parity at stake
                         base = self.values.get("lora_parameters")
                         value = {**(base if isinstance(base, dict) else {}), **value}
-                    self._check_lora_complete(value, label)
                 self.values[key] = value
                 self.sources[key] = label
             elif key in PROJECT_KEYS:
@@ -625,16 +621,6 @@ class _Merger:
                 raise _unknown_key(label, f"{META_KEY}.{key}", [f"{META_KEY}.{k}" for k in PROJECT_KEYS])
             self.project[key] = value
             self.sources[f"{META_KEY}.{key}"] = label
-
-    def _check_lora_complete(self, lp: dict[str, Any], label: str) -> None:
-        if "alpha" in lp:
-            return  # _check_lora_parameters explains alpha -> scale
-        for key in ("rank", "scale", "dropout"):
-            if key not in lp:
-                raise UserError(
-                    f"{label}: lora_parameters is missing {key!r}; MLX-LM needs rank, scale and dropout "
-                    "together (it replaces the whole mapping)"
-                )
 
     def _translate_flat(self, flat: dict[str, Any], layer: dict[str, Any], label: str) -> None:
         c = _Checker({k: label for k in flat})
@@ -731,13 +717,12 @@ class _Merger:
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Resolve the training config: defaults < YAML ``path`` < ``overrides``.
 
-    ``path`` None -> the repo's lora_config.yaml if present, else defaults
-    only. ``overrides`` are command-line values under MLX-LM's snake_case
+    ``path`` None -> the built-in defaults only (the command-line scripts
+    pass the repository's ``lora_config.yaml`` when ``-c`` is not given, see
+    :data:`DEFAULT_CONFIG_PATH`; library calls never read it implicitly). ``overrides`` are command-line values under MLX-LM's snake_case
     names (plus the project keys template, system_prompt, mask_prompt,
     base_model, resume); None values mean "not given" and are skipped.
     """
-    if path is None and DEFAULT_CONFIG_PATH.is_file():
-        path = DEFAULT_CONFIG_PATH
     merger = _Merger()
     if path is not None:
         label = str(path)

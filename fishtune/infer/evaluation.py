@@ -21,7 +21,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
+from fishtune.tokens import encode_pair
+
 if TYPE_CHECKING:
+    from fishtune.infer.generation import SamplingConfig
     from fishtune.loading import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -95,13 +98,8 @@ def answer_nll(
     prompt, completion = lm.template.split_for_training(
         [*(history or []), {"role": "user", "content": question}, {"role": "assistant", "content": answer}], system
     )
-    tok = lm.tokenizer
-    prompt_ids = list(tok.encode(prompt))
-    full_ids = list(tok.encode(prompt + completion))
-    # The answer starts where the joint tokenization stops agreeing with the prompt's.
-    n_prompt = 0
-    while n_prompt < min(len(prompt_ids), len(full_ids)) and prompt_ids[n_prompt] == full_ids[n_prompt]:
-        n_prompt += 1
+    # The answer starts where the joint tokenization stops agreeing with the prompt's (as in training).
+    full_ids, n_prompt, _ = encode_pair(lm.tokenizer, prompt, completion)
     n_prompt = max(n_prompt, 1)
     if len(full_ids) > MAX_PPL_TOKENS:
         cut = len(full_ids) - MAX_PPL_TOKENS
@@ -203,5 +201,91 @@ def format_table(scores: Sequence[ModelScores]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["rouge_l_f1", "bleu4", "lcs_length", "answer_nll", "perplexity", "ModelScores", "score_predictions",
+def predict_rows(lm: "LoadedModel", rows: Sequence[dict], sampling: "SamplingConfig", system: str | None,
+                 desc: str, progress: bool) -> list[dict]:
+    """Generate an answer for each row (``question``, optional ``history``); rows gain ``prediction`` etc."""
+    import sys
+
+    from tqdm import tqdm
+
+    from fishtune.infer.generation import generate
+
+    out = []
+    for row in tqdm(rows, desc=desc, unit="q", disable=not progress, file=sys.stderr):
+        # Multi-turn rows (process_data's "history") are prompted with their earlier turns.
+        msgs = [*(row.get("history") or []), {"role": "user", "content": row["question"].strip()}]
+        res = generate(lm, lm.template.render_prompt(msgs, system), sampling)
+        out.append({**row, "prediction": res.text, "finish_reason": res.finish_reason,
+                    "generation_tokens": res.generation_tokens, "tokens_per_s": round(res.generation_tps, 2)})
+    return out
+
+
+METRICS_NOTES = {
+    "rouge_l_f1": "character-level ROUGE-L F1 (whitespace removed), mean over rows",
+    "bleu4": "character BLEU-4, add-one smoothing for 2-4-grams, brevity penalty, mean over rows",
+    "exact_stop_rate": "share of answers that ended at the end token/stop string, not the token limit",
+    "mean_answer_chars": "mean answer length in characters (whitespace removed)",
+    "perplexity": "teacher-forced perplexity of the reference answers (answer + end token only)",
+}
+
+
+def evaluate_models(
+    rows: Sequence[dict],
+    test_file: str,
+    model: str | None,
+    adapter_path: str,
+    sampling: "SamplingConfig",
+    *,
+    system: str | None = None,
+    base_only: bool = False,
+    progress: bool = False,
+) -> tuple[dict[str, Any], list[ModelScores]]:
+    """Score the base model and (unless ``base_only``) base + adapter on ``rows``: ``(report, scores)``.
+
+    Both are prompted the same way (the adapter's template and system
+    prompt, or ``system``), one model in memory at a time.
+    """
+    import gc
+    import time
+
+    from fishtune.loading import load_model
+    from fishtune.project import meta_for_base, read_project_meta
+
+    if not base_only:
+        read_project_meta(adapter_path)  # a missing/corrupt adapter fails now, not after the base model ran
+    meta = meta_for_base(adapter_path)
+    system = system if system is not None else meta.system_prompt
+    variants = [("base", True)] if base_only else [("base", True), ("finetuned", False)]
+    logger.info("evaluating on %d questions of %s, %s decoding, max %d tokens", len(rows), test_file,
+                "greedy" if sampling.greedy else f"temperature {sampling.temperature}", sampling.max_tokens)
+    scores, preds = [], {}
+    for name, no_adapter in variants:
+        t0 = time.perf_counter()
+        lm = load_model(model, adapter_path, no_adapter=no_adapter)
+        preds[name] = predict_rows(lm, rows, sampling, system, name, progress)
+        s = score_predictions(name, lm.model_path, lm.adapter_path, preds[name], perplexity(lm, rows, system))
+        s.extra["seconds"] = round(time.perf_counter() - t0, 2)
+        scores.append(s)
+        del lm
+        gc.collect()
+    report = {
+        "test_file": test_file,
+        "rows": len(rows),
+        "template": meta.template,
+        "system_prompt": system,
+        "sampling": sampling.to_dict(),
+        "decoding": "greedy" if sampling.greedy else "sampled",
+        "metrics_notes": METRICS_NOTES,
+        "models": {s.name: s.to_dict() for s in scores},
+        "predictions": [
+            {"question": r["question"], "reference": r["answer"],
+             **{f"{name}_prediction": preds[name][i]["prediction"] for name, _ in variants},
+             **{f"{name}_finish_reason": preds[name][i]["finish_reason"] for name, _ in variants}}
+            for i, r in enumerate(rows)
+        ],
+    }
+    return report, scores
+
+
+__all__ = ["predict_rows", "evaluate_models", "rouge_l_f1", "bleu4", "lcs_length", "answer_nll", "perplexity", "ModelScores", "score_predictions",
            "format_table"]

@@ -1,0 +1,205 @@
+"""Training examples: JSONL records -> token ids plus the first position that carries loss.
+
+Records with ``question``/``answer`` (the data stage's output) or
+``messages`` are rendered with the project template; the prompt is masked
+and the completion (the answer followed by the template's end token)
+carries the loss, so the model learns to answer and to stop. Records with
+only ``text`` (raw MLX-LM data) train on the whole text. Records longer than
+``max_seq_length`` are truncated at the end, as MLX-LM does; they are
+counted and reported (``process_data.py --tokenizer`` refuses them, by the
+same token count, so a prepared data set is never cut).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fishtune.errors import UserError
+from fishtune.fileio import read_jsonl
+from fishtune.template import PromptTemplate, get_template
+from fishtune.tokens import encode_pair, encode_text
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Example:
+    tokens: np.ndarray  # int32 token ids (already truncated)
+    offset: int  # index of the first token that carries loss
+
+    @property
+    def length(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def n_loss(self) -> int:
+        """Number of loss targets: token positions 1..length-1 at or after offset."""
+        return max(0, self.length - max(self.offset, 1))
+
+
+@dataclass
+class DataReport:
+    """What happened while turning one file into examples (for logs and summary)."""
+
+    name: str
+    records: int = 0
+    masked: int = 0  # prompt masked (question/answer or messages rows)
+    raw_text: int = 0  # trained on the whole text
+    truncated: int = 0
+    no_loss_left: int = 0  # prompt alone fills max_seq_length
+    boundary_merges: int = 0  # prompt/completion boundary fell inside a token
+    total_tokens: int = 0
+    loss_tokens: int = 0
+    max_length: int = 0
+    longest_original: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "notes"}
+
+
+def record_parts(
+    row: dict[str, Any], where: str, template: PromptTemplate, system_prompt: str | None
+) -> tuple[str, str] | str:
+    """``(prompt, completion)`` for masked training, or the raw text.
+
+    ``where`` is ``file:line`` for error messages.
+    """
+    if "messages" in row:
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
+            raise UserError(f"{where}: 'messages' must be a list of {{role, content}} objects")
+        try:
+            return template.split_for_training(msgs, system_prompt)
+        except UserError as exc:
+            raise UserError(f"{where}: {exc}") from None
+    if "question" in row or "answer" in row:
+        for key in ("question", "answer"):
+            val = row.get(key)
+            if not isinstance(val, str) or not val.strip():
+                raise UserError(f"{where}: field {key!r} must be a non-empty string, got {val!r}")
+        msgs = [{"role": "user", "content": row["question"]}, {"role": "assistant", "content": row["answer"]}]
+        return template.split_for_training(msgs, system_prompt)
+    if "text" in row:
+        if not isinstance(row["text"], str) or not row["text"].strip():
+            raise UserError(f"{where}: field 'text' must be a non-empty string, got {row['text']!r}")
+        return row["text"]
+    raise UserError(
+        f"{where}: record has none of 'question'+'answer', 'messages' or 'text' (keys: {sorted(row)}); "
+        "run process_data.py to produce training records"
+    )
+
+
+def build_examples(
+    rows: list[dict[str, Any]],
+    tokenizer: Any,
+    template: PromptTemplate,
+    system_prompt: str | None,
+    *,
+    mask_prompt: bool,
+    max_seq_length: int,
+    name: str,
+) -> tuple[list[Example], DataReport]:
+    """Tokenize records into ``Example``s (see module doc for the formats)."""
+    report = DataReport(name=name, records=len(rows))
+    examples: list[Example] = []
+    for i, row in enumerate(rows):
+        parts = record_parts(row, f"{name}:{i + 1}", template, system_prompt)
+        if isinstance(parts, tuple):
+            prompt, completion = parts
+            toks, offset, merged = encode_pair(tokenizer, prompt, completion)
+            report.boundary_merges += int(merged)
+            report.masked += 1
+            if not mask_prompt:
+                offset = 0
+        else:
+            toks = encode_text(tokenizer, parts)
+            offset = 0
+            report.raw_text += 1
+        report.longest_original = max(report.longest_original, len(toks))
+        if len(toks) > max_seq_length:
+            report.truncated += 1
+            toks = toks[:max_seq_length]
+        ex = Example(np.asarray(toks, dtype=np.int32), offset)
+        if ex.n_loss == 0:
+            report.no_loss_left += 1
+        report.total_tokens += ex.length
+        report.loss_tokens += ex.n_loss
+        report.max_length = max(report.max_length, ex.length)
+        examples.append(ex)
+
+    if report.raw_text:
+        report.notes.append(
+            f"{report.raw_text} record(s) of {name} have only 'text': trained on the whole text (no prompt masking)"
+        )
+    if report.masked and not mask_prompt:
+        report.notes.append(f"mask_prompt is off: the loss of {name} covers the prompt too")
+    if report.truncated:
+        report.notes.append(
+            f"{report.truncated} record(s) of {name} are longer than max_seq_length={max_seq_length} tokens "
+            f"and were truncated at the end (longest: {report.longest_original} tokens); "
+            "raise --max-seq-length to keep them whole"
+        )
+    if report.no_loss_left:
+        report.notes.append(
+            f"{report.no_loss_left} record(s) of {name} have no answer tokens left after truncation "
+            "and contribute nothing to the loss"
+        )
+    if report.boundary_merges:
+        logger.debug("%s: %d record(s) merged a token across the prompt/answer boundary", name, report.boundary_merges)
+    return examples, report
+
+
+@dataclass
+class Splits:
+    """The tokenized splits of a data folder (None: not loaded or absent)."""
+
+    train: Any  # TokenDataset
+    valid: Any
+    test: Any
+    reports: dict[str, DataReport]
+    train_fingerprint: str = ""
+
+
+def load_splits(cfg: Any, tokenizer: Any, need_train: bool, need_test: bool) -> Splits:
+    """``train``/``valid``/``test.jsonl`` of ``cfg.data`` as token datasets (``cfg``: a TrainConfig)."""
+    import hashlib
+
+    from fishtune.train.batches import TokenDataset
+
+    data = Path(cfg.data)
+    if not data.is_dir():
+        raise UserError(f"data folder {data} not found; run process_data.py or point --data at a folder with train.jsonl")
+    tpl = get_template(cfg.template)
+    reports: dict[str, DataReport] = {}
+    out: dict[str, Any] = {"train": None, "valid": None, "test": None}
+    wanted = (["train", "valid"] if need_train else []) + (["test"] if need_test else [])
+    for split in wanted:
+        path = data / f"{split}.jsonl"
+        rows = read_jsonl(path, missing=None if split == "valid" else
+                          "run process_data.py first or point --data at a folder with train.jsonl")
+        if rows is None:
+            logger.warning("%s not found: training without validation loss", path)
+            continue
+        if not rows:
+            if split == "valid":
+                logger.warning("%s is empty: training without validation loss", path)
+                continue
+            raise UserError(f"{path} is empty; it needs at least one record (run process_data.py)")
+        exs, rep = build_examples(
+            rows, tokenizer, tpl, cfg.system_prompt, mask_prompt=cfg.mask_prompt,
+            max_seq_length=cfg.max_seq_length, name=str(path),
+        )
+        for note in rep.notes:
+            (logger.warning if "truncated" in note else logger.info)(note)
+        reports[split] = rep
+        out[split] = TokenDataset(exs, cfg.batch_size, cfg.seed, name=split)
+    fp = hashlib.sha256((data / "train.jsonl").read_bytes()).hexdigest()[:16] if need_train else ""
+    return Splits(out["train"], out["valid"], out["test"], reports, fp)
+
+
+__all__ = ["Example", "DataReport", "record_parts", "build_examples", "Splits", "load_splits"]
