@@ -91,6 +91,22 @@ class PromptTemplate:
         completion = self.assistant_format.format(content=turns[-1]["content"])
         return prompt, completion
 
+    def training_turns(self, messages: Sequence[Message], system: str | None = None) -> list[tuple[str, str]]:
+        """``(prefix, completion)`` for EVERY assistant turn of a training conversation.
+
+        ``prefix`` is the whole text before that answer (system prompt, earlier
+        turns, the question) and ``prefix + completion`` is a prefix of
+        ``render_conversation(messages, system)``; the last pair is
+        :meth:`split_for_training`. Training computes the loss on every
+        completion, so each answer of a multi-turn conversation is supervised.
+        """
+        own_system, turns = check_messages(messages, end="assistant")
+        system = system if own_system is None else own_system
+        return [
+            (self._render(system, turns[:i]), self.assistant_format.format(content=m["content"]))
+            for i, m in enumerate(turns) if m["role"] == "assistant"
+        ]
+
     def training_text(self, question: str, answer: str, system: str | None = None) -> str:
         """Single-turn shortcut used by the data stage."""
         return self.render_conversation(

@@ -61,4 +61,28 @@ def encode_pair(tokenizer: Any, prompt: str, completion: str) -> tuple[list[int]
     return full, common_prefix(full, ptoks), True
 
 
-__all__ = ["with_eos", "encode_text", "count_tokens", "common_prefix", "encode_pair"]
+def encode_turns(tokenizer: Any, turns: Sequence[tuple[str, str]]) -> tuple[list[int], list[tuple[int, int]], int]:
+    """Tokens of a conversation and the token span ``[start, end)`` of every completion.
+
+    ``turns``: ``PromptTemplate.training_turns`` (each ``prefix + completion``
+    is a prefix of the full text, the last one is the full text). The whole
+    text is encoded once; each span's ends are where the encodings of the
+    text up to there stop agreeing with it (a token that straddles a
+    boundary counts as prompt, as in :func:`encode_pair`). Returns
+    ``(tokens, spans, boundaries merged across)``.
+    """
+    prefix, completion = turns[-1]
+    full = list(tokenizer.encode(prefix + completion))
+    spans: list[tuple[int, int]] = []
+    merged = 0
+    for prefix, completion in turns:
+        ptoks = list(tokenizer.encode(prefix))
+        ctoks = list(tokenizer.encode(prefix + completion))
+        start, end = common_prefix(full, ptoks), common_prefix(full, ctoks)
+        merged += int(start != len(ptoks)) + int(end != len(ctoks))
+        if end > start:
+            spans.append((start, end))
+    return full, spans, merged
+
+
+__all__ = ["encode_turns", "with_eos", "encode_text", "count_tokens", "common_prefix", "encode_pair"]

@@ -41,7 +41,7 @@ def test_shipped_lora_config_loads_with_the_seed_values():
     assert (cfg.steps_per_eval, cfg.steps_per_report, cfg.adapter_path, cfg.data) == (50, 10, "lora_qwen2_1.5b", "data")
     assert cfg.schedule_steps() == 20
     sched = cfg.resolved_lr_schedule()
-    assert sched == {"name": "cosine_decay", "warmup": 2, "warmup_init": 1e-5, "arguments": [1e-4, 17, 1e-5]}
+    assert sched == {"name": "cosine_decay", "warmup": 2, "warmup_init": 1e-5, "arguments": [1e-4, 16, 1e-5]}
     assert sched["warmup"] < cfg.schedule_steps()
     # project section
     assert cfg.template == "alpaca" and cfg.mask_prompt is True
@@ -141,6 +141,7 @@ def test_to_mlx_dict_is_mlx_schema_with_project_section():
         "mask_prompt": True,
         "base_model": "models/x",
         "resume": False,
+        "lr_schedule_lengths": "derived",
     }
     assert d["model"] == "models/x" and d["adapter_path"] == "out"
     json.dumps(d)  # serialisable for adapter_config.json
@@ -175,9 +176,9 @@ def test_seed_flat_names_are_translated(tmp_path, caplog):
     assert cfg.lora_parameters == {"rank": 8, "scale": 2.0, "dropout": 0.05}
     assert cfg.optimizer_config["adamw"] == {"weight_decay": 0.0001, "bias_correction": True}
     assert cfg.grad_checkpoint is True
-    # 4 iterations / 2 per update = 2 warmup updates, cosine over the 20 - 2 - 1 remaining
+    # 4 iterations / 2 per update = 2 warmup updates, cosine to the floor at the last of 20 updates (20 - 2 - 2)
     assert cfg.resolved_lr_schedule() == {
-        "name": "cosine_decay", "warmup": 2, "warmup_init": 0.0, "arguments": [1e-4, 17, 0.0],
+        "name": "cosine_decay", "warmup": 2, "warmup_init": 0.0, "arguments": [1e-4, 16, 0.0],
     }
     for name in ("lora_rank", "lora_alpha", "lora_dropout", "warmup_steps", "weight_decay", "gradient_checkpointing"):
         assert f"seed key {name}" in caplog.text
@@ -218,11 +219,14 @@ def test_sane_warmup_does_not_warn(caplog):
     assert caplog.records == []
 
 
-def test_decay_shorter_than_the_run_warns(caplog):
+def test_decay_shorter_than_the_run_warns(tmp_path, caplog):
+    # Explicit lengths (no fishtune.lr_schedule_lengths: derived): honoured as written, with a warning.
+    text = DEFAULT_CONFIG_PATH.read_text(encoding="utf-8").replace("lr_schedule_lengths: derived", "")
+    p = write_yaml(tmp_path, text)
     with caplog.at_level(logging.WARNING, logger="fishtune.train.config"):
-        load_config(DEFAULT_CONFIG_PATH, {"iters": 400})  # the YAML's decay_steps 17 was written for 20 updates
-    assert "the cosine decay ends after update 20 of 200; the last 180 updates run at the final learning rate" in caplog.text
-    assert "set lr_schedule.arguments[1] to 197" in caplog.text
+        load_config(p, {"iters": 400})  # the YAML's decay_steps 16 was written for 20 updates
+    assert "the cosine decay ends after update 19 of 200; the last 181 updates run at the final learning rate" in caplog.text
+    assert "set lr_schedule.arguments[1] to 196" in caplog.text
 
 
 # ---------------------------------------------------------------- errors

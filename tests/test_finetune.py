@@ -123,8 +123,11 @@ def test_masked_tokens_contribute_no_loss(model_and_tokenizer):
     tokens = rng.integers(0, 5000, size=(2, 33)).astype(np.int32)
     lengths = np.array([[10, 30], [5, 20]], dtype=np.int32)  # (offset, length)
     tokens[1, 20:] = 0  # padding
-    batch, lens = mx.array(tokens), mx.array(lengths)
-    loss, ntoks = masked_loss(model, batch, lens)
+    # targets t in offset..length-1, predicted from position t-1; 3 extra slots with weight 0
+    pos = [r * 32 + t - 1 for r, (off, n) in enumerate(lengths) for t in range(off, n)] + [0, 0, 0]
+    weights = np.array([1.0] * (len(pos) - 3) + [0.0] * 3, dtype=np.float32)
+    batch = mx.array(tokens)
+    loss, ntoks = masked_loss(model, batch, mx.array(np.array(pos, dtype=np.int32)), mx.array(weights))
 
     logits = np.array(model(batch[:, :-1]).astype(mx.float32))
     logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
@@ -137,7 +140,7 @@ def test_masked_tokens_contribute_no_loss(model_and_tokenizer):
     assert float(loss) == pytest.approx(float(np.mean(picked)), rel=1e-5)
 
     # MLX-LM 0.32.2's default_loss counts one padding position per row; ours does not.
-    _, ntoks_mlx = default_loss(model, batch, lens)
+    _, ntoks_mlx = default_loss(model, batch, mx.array(lengths))
     assert int(ntoks_mlx) == int(ntoks) + 2
 
 
@@ -162,14 +165,16 @@ def test_batches_sorted_by_length_and_order_is_a_function_of_seed_and_step(token
     again = TokenDataset(exs, batch_size=4, seed=3)
     assert [again.batch_for_step(s) for s in range(1, 10)] == [ds.batch_for_step(s) for s in range(1, 10)]
     it = iterate_batches(ds, 4, 512, loop=True, start_step=4)
-    tokens, lengths, _ = next(it)
-    ref_tokens, _, _ = make_batch(ds, ds.batch_for_step(5), 512)
+    tokens, _, _, _ = next(it)
+    ref_tokens, _, _, _ = make_batch(ds, ds.batch_for_step(5), 512)
     assert np.array_equal(np.array(tokens), np.array(ref_tokens))
     # The short batch is filled with empty rows (no loss); widths are 1 + a multiple of 32.
     short = next(b for b in ds.batches if len(b) == 3)
-    t, l, denom = make_batch(ds, short, 512)
-    assert t.shape[0] == 4 and np.array(l)[3].tolist() == [0, 0] and (t.shape[1] - 1) % 32 == 0
-    assert float(denom) == sum(exs[i].n_loss for i in short)
+    t, positions, weights, denom = make_batch(ds, short, 512)
+    w = t.shape[1] - 1
+    assert t.shape[0] == 4 and not np.array(t)[3].any() and w % 32 == 0
+    assert not (np.array(positions)[np.array(weights) > 0] >= 3 * w).any()  # nothing from the empty row
+    assert float(denom) == sum(exs[i].n_loss for i in short) == float(np.array(weights).sum())
 
 
 # ---------------------------------------------------------------------------

@@ -282,12 +282,13 @@ def test_help_imports_nothing_heavy(script):
 
 
 def test_multi_turn_rows_are_prompted_with_their_history(lm, tmp_path, capsys):
+    from fishtune.infer.evaluation import predict_rows
     from fishtune.infer.generation import generate
 
     history = [{"role": "user", "content": "鱼病"}, {"role": "assistant", "content": "隔离观察两周。"}]
     row = {"question": "要换水吗？", "answer": "要。", "history": history}
     greedy = SamplingConfig(temperature=0, max_tokens=6)
-    [pred] = inference.predict_rows(lm, [row], greedy, lm.system_prompt, "t", progress=False)
+    [pred] = predict_rows(lm, [row], greedy, lm.system_prompt, "t", progress=False)
     full = lm.template.render_prompt([*history, {"role": "user", "content": "要换水吗？"}], lm.system_prompt)
     assert "隔离观察两周。" in full
     assert pred["prediction"] == generate(lm, full, greedy).text

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fishtune.project import read_project_meta
 from fishtune.train.config import MLX_DEFAULTS, load_config
@@ -97,7 +98,7 @@ def test_seed_command_honours_every_yaml_setting(seed_run, smoke_model_dir):
     assert cfg["num_layers"] == -1
     assert cfg["optimizer"] == "adamw"
     assert cfg["optimizer_config"]["adamw"] == {"weight_decay": 0.0001, "bias_correction": True}
-    assert cfg["lr_schedule"] == {"name": "cosine_decay", "warmup": 2, "warmup_init": 1e-5, "arguments": [1e-4, 17, 1e-5]}
+    assert cfg["lr_schedule"] == {"name": "cosine_decay", "warmup": 2, "warmup_init": 1e-5, "arguments": [1e-4, 16, 1e-5]}
     assert cfg["grad_checkpoint"] is True
     assert cfg["mask_prompt"] is False
     # from the command line (wins over the YAML)
@@ -105,7 +106,8 @@ def test_seed_command_honours_every_yaml_setting(seed_run, smoke_model_dir):
     assert (cfg["batch_size"], cfg["iters"], cfg["grad_accumulation_steps"], cfg["seed"]) == (1, 4, 2, 42)
     assert cfg["learning_rate"] == 1e-4 and cfg["max_seq_length"] == 128
     # MLX-LM carried the project section along unread
-    assert cfg["fishtune"] == {"template": "alpaca", "system_prompt": DEFAULT_SYSTEM_PROMPT, "mask_prompt": True}
+    assert cfg["fishtune"] == {"template": "alpaca", "system_prompt": DEFAULT_SYSTEM_PROMPT, "mask_prompt": True,
+                               "lr_schedule_lengths": "derived"}
     meta = read_project_meta(adapter_dir)
     assert (meta.template, meta.system_prompt, meta.base_model) == ("alpaca", DEFAULT_SYSTEM_PROMPT, str(smoke_model_dir))
 
@@ -142,9 +144,19 @@ def test_fishtune_resolves_the_same_args_as_raw_mlx_lm(seed_run):
     """load_config(yaml, same flags).to_mlx_dict() == what MLX-LM ran with."""
     argv, adapter_dir, _ = seed_run
     ran = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    ours = load_config(REPO / "lora_config.yaml", argv_to_overrides(argv)).to_mlx_dict()
+    # The YAML's schedule lengths as written (raw MLX-LM's reading) ...
+    explicit = {**argv_to_overrides(argv), "lr_schedule_lengths": "explicit"}
+    ours = load_config(REPO / "lora_config.yaml", explicit).to_mlx_dict()
     for key in MLX_DEFAULTS:
         if key in ("config",) or key.endswith("_feature"):
             continue
         assert ours[key] == ran[key], key
-    assert {k: ours["fishtune"][k] for k in ran["fishtune"]} == ran["fishtune"]
+    # ... and the shipped "derived" lengths: the same but for the schedule, re-sized to this run's 2 updates,
+    derived = load_config(REPO / "lora_config.yaml", argv_to_overrides(argv)).to_mlx_dict()
+    assert {k: v for k, v in derived.items() if k not in ("lr_schedule", "fishtune")} == \
+        {k: v for k, v in ours.items() if k not in ("lr_schedule", "fishtune")}
+    assert derived["lr_schedule"]["arguments"][1] == 1 and derived["lr_schedule"]["warmup"] == 0
+    # while the seed's own 40 iterations get exactly the numbers the YAML writes for raw MLX-LM.
+    seed = load_config(REPO / "lora_config.yaml", argv_to_overrides(seed_argv())).resolved_lr_schedule()
+    assert seed == yaml.safe_load((REPO / "lora_config.yaml").read_text(encoding="utf-8"))["lr_schedule"]
+    assert {k: derived["fishtune"][k] for k in ran["fishtune"]} == ran["fishtune"]

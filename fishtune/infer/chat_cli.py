@@ -68,11 +68,84 @@ class _Cancel:
         signal.signal(signal.SIGINT, self._old)
 
 
+def say(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def read_line(interactive: bool) -> str | None:
+    """The next input line, or None at the end of input (Ctrl-D, Ctrl-C at the prompt, end of the pipe)."""
+    try:
+        line = input("> ") if interactive else sys.stdin.readline()
+    except (EOFError, KeyboardInterrupt):
+        line = None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"standard input is not UTF-8 ({exc.reason}); send UTF-8 text") from None
+    if line is None or (not interactive and line == ""):
+        if interactive:
+            sys.stdout.write("\n")
+        return None
+    return line.strip()
+
+
+def run_command(line: str, session, interactive: bool) -> bool:
+    """A /command; returns False for /exit."""
+    cmd, _, rest = line.partition(" ")
+    if cmd in ("/exit", "/quit"):
+        return False
+    if cmd == "/help":
+        say(HELP)
+    elif cmd == "/clear":
+        session.clear()
+        if interactive:
+            say("(conversation cleared)")
+    elif cmd == "/system" and rest.strip():
+        session.set_system(rest)
+        session.clear()
+        if interactive:
+            say("(system prompt set; conversation cleared)")
+    elif cmd == "/system":
+        say(f"system prompt: {session.system_prompt or '(none)'}")
+    else:
+        say(f"unknown command {cmd}; type /help")
+    return True
+
+
+def answer(lm, session, line: str, sampling, interactive: bool, show_prompt: bool) -> None:
+    """Stream the answer to ``line``; a finished answer joins the history, a stopped one does not."""
+    from fishtune.infer.generation import stream_generate
+
+    try:
+        prompt = session.prompt_for(line)
+    except UserError as exc:  # e.g. a line that is not UTF-8: skip it, keep the session
+        sys.stderr.write(f"error: {exc}\n")
+        sys.stderr.flush()
+        return
+    if show_prompt:
+        sys.stderr.write(f"--- prompt ---\n{prompt}\n--- end prompt ---\n")
+        sys.stderr.flush()
+    parts: list[str] = []
+    finish = None
+    with _Cancel() as cancel:
+        for chunk in stream_generate(lm, prompt, sampling, cancel=cancel):
+            parts.append(chunk.text)
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+            finish = chunk.finish_reason or finish
+    if finish == "cancelled":
+        say("\n[stopped]")
+        return
+    say("")
+    if finish == "length" and interactive:
+        say(f"[answer cut at --max-tokens {sampling.max_tokens}]")
+    session.add_turn(line, "".join(parts))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     from fishtune.infer.chat import ChatSession
-    from fishtune.infer.generation import sampling_from_args, stream_generate
+    from fishtune.infer.generation import sampling_from_args
     from fishtune.loading import load_from_args
 
     sampling = sampling_from_args(args)
@@ -89,78 +162,16 @@ def main(argv: list[str] | None = None) -> int:
     system = args.system if args.system is not None else lm.system_prompt
     session = ChatSession(lm.template, system, tokenizer=lm.tokenizer, max_context_tokens=budget,
                           max_turns=args.max_turns)
-    out = sys.stdout
     if interactive:
         import readline  # noqa: F401  (line editing and history for input())
 
-        out.write(f"fishtune chat: {lm.describe()}\ntype /help for commands, /exit to quit\n")
-
-    def say(text: str) -> None:
-        out.write(text + "\n")
-        out.flush()
-
-    while True:
-        try:
-            line = input("> ") if interactive else sys.stdin.readline()
-        except EOFError:
-            line = None
-        except KeyboardInterrupt:
-            out.write("\n")
-            break
-        except UnicodeDecodeError as exc:
-            raise UserError(f"standard input is not UTF-8 ({exc.reason}); send UTF-8 text") from None
-        if line is None or (not interactive and line == ""):
-            if interactive:
-                out.write("\n")
-            break
-        line = line.strip()
+        say(f"fishtune chat: {lm.describe()}\ntype /help for commands, /exit to quit")
+    while (line := read_line(interactive)) is not None:
         if not line:
             continue
         if line.startswith("/"):
-            cmd, _, rest = line.partition(" ")
-            if cmd in ("/exit", "/quit"):
+            if not run_command(line, session, interactive):
                 break
-            if cmd == "/help":
-                say(HELP)
-            elif cmd == "/clear":
-                session.clear()
-                if interactive:
-                    say("(conversation cleared)")
-            elif cmd == "/system":
-                if rest.strip():
-                    session.set_system(rest)
-                    session.clear()
-                    if interactive:
-                        say("(system prompt set; conversation cleared)")
-                else:
-                    say(f"system prompt: {session.system_prompt or '(none)'}")
-            else:
-                say(f"unknown command {cmd}; type /help")
             continue
-
-        try:
-            prompt = session.prompt_for(line)
-        except UserError as exc:  # e.g. a line that is not UTF-8: skip it, keep the session
-            sys.stderr.write(f"error: {exc}\n")
-            sys.stderr.flush()
-            continue
-        if args.show_prompt:
-            sys.stderr.write(f"--- prompt ---\n{prompt}\n--- end prompt ---\n")
-            sys.stderr.flush()
-        parts: list[str] = []
-        finish = None
-        with _Cancel() as cancel:
-            for chunk in stream_generate(lm, prompt, sampling, cancel=cancel):
-                parts.append(chunk.text)
-                out.write(chunk.text)
-                out.flush()
-                finish = chunk.finish_reason or finish
-        if finish == "cancelled":
-            say("\n[stopped]")
-        else:
-            say("")
-            if finish == "length" and interactive:
-                say(f"[answer cut at --max-tokens {sampling.max_tokens}]")
-            # Stopped answers are not kept: the model never finished them.
-            session.add_turn(line, "".join(parts))
+        answer(lm, session, line, sampling, interactive, args.show_prompt)
     return 0

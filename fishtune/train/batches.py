@@ -95,6 +95,17 @@ def padded_width(max_len: int, max_seq_length: int) -> int:
     return min(1 + PAD_MULTIPLE * ((max_len + PAD_MULTIPLE - 1) // PAD_MULTIPLE), max(max_seq_length, max_len))
 
 
+def loss_slots(n: int) -> int:
+    """Room for ``n`` loss positions, rounded up to a few sizes (at most 1/8 wasted).
+
+    The compiled step is traced once per input shape: rounding keeps the
+    number of distinct shapes (and so recompilations) small. Slots past
+    ``n`` point at position 0 with weight 0.
+    """
+    step = max(PAD_MULTIPLE, 1 << max(0, n.bit_length() - 4))
+    return max(step, -(-n // step) * step)
+
+
 def make_batch(
     dataset: TokenDataset,
     global_idx: Sequence[int],
@@ -103,12 +114,16 @@ def make_batch(
     world_size: int = 1,
     train: bool = True,
 ):
-    """Arrays for one rank's share of a global batch: ``(tokens, lengths, denom)``.
+    """Arrays for one rank's share of a global batch: ``(tokens, positions, weights, denom)``.
 
-    Row ``j`` of the global batch goes to rank ``j % world_size`` (as in
-    MLX-LM). Missing rows (the last, short batch of an epoch, or a rank with
-    nothing left) are empty rows with ``lengths = (0, 0)``: no loss, no
-    gradient. ``lengths`` holds ``(offset, length)`` per row.
+    ``tokens``: ``[rows, width]``; row ``j`` of the global batch goes to rank
+    ``j % world_size`` (as in MLX-LM); missing rows (the last, short batch of
+    an epoch, or a rank with nothing left) are all padding. ``positions``:
+    the flat indices into ``tokens[:, 1:]`` of every target that carries loss
+    (the answers' tokens and end tokens, every assistant turn), rounded up to
+    :func:`loss_slots` with zero ``weights``. The loss gathers the hidden
+    states there before the output layer, so prompt and padding positions
+    cost nothing in the 151936-wide softmax.
 
     ``denom``: in training, the global batch's loss-token count divided by
     the world size, so that the averaged gradients equal the single-process
@@ -123,21 +138,24 @@ def make_batch(
             f"use a multiple of {world_size}"
         )
     rows_per_rank = dataset.batch_size // world_size
-    local = list(global_idx)[rank::world_size]
-    exs = [dataset.examples[i] for i in local]
+    exs = [dataset.examples[i] for i in list(global_idx)[rank::world_size]]
     width = padded_width(max((e.length for e in exs), default=1), max_seq_length)
     arr = np.zeros((rows_per_rank, width), dtype=np.int32)
-    lengths = np.zeros((rows_per_rank, 2), dtype=np.int32)
+    where = []
     for j, e in enumerate(exs):
-        n = min(e.length, width)
-        arr[j, :n] = e.tokens[:n]
-        lengths[j] = (e.offset, n)
+        arr[j, : e.length] = e.tokens
+        where.append(e.loss_positions() + j * (width - 1))
+    pos = np.concatenate(where) if where else np.zeros(0, dtype=np.int32)
+    slots = loss_slots(len(pos))
+    positions = np.zeros(slots, dtype=np.int32)
+    positions[: len(pos)] = pos
+    weights = np.zeros(slots, dtype=np.float32)
+    weights[: len(pos)] = 1.0
     if train:
-        global_loss = sum(dataset.examples[i].n_loss for i in global_idx)
-        denom = max(global_loss, 1) / world_size
+        denom = max(sum(dataset.examples[i].n_loss for i in global_idx), 1) / world_size
     else:
-        denom = max(sum(e.n_loss for e in exs), 1)
-    return mx.array(arr), mx.array(lengths), mx.array(float(denom), dtype=mx.float32)
+        denom = max(len(pos), 1)
+    return mx.array(arr), mx.array(positions), mx.array(weights), mx.array(float(denom), dtype=mx.float32)
 
 
 def iterate_batches(
@@ -148,7 +166,7 @@ def iterate_batches(
     seed: int | None = None,
     comm_group: Any = None,
     start_step: int = 0,
-) -> Iterator[tuple[Any, Any, Any]]:
+) -> Iterator[tuple[Any, Any, Any, Any]]:
     """MLX-LM-compatible batch iterator over a ``TokenDataset``.
 
     ``loop=True`` (training): yields the batches of steps ``start_step+1,
@@ -170,12 +188,11 @@ def iterate_batches(
             yield make_batch(dataset, dataset.batches[int(b)], max_seq_length, rank, world, train=False)
 
 
-def batch_token_counts(lengths: Any) -> tuple[int, int]:
-    """(real tokens, loss tokens) of a batch's ``lengths`` array (host side)."""
-    arr = np.asarray(lengths)
-    real = int(arr[:, 1].sum())
-    loss = int(np.maximum(arr[:, 1] - np.maximum(arr[:, 0], 1), 0).sum())
-    return real, loss
+def batch_token_counts(dataset: TokenDataset, global_idx: Sequence[int], rank: int = 0,
+                       world_size: int = 1) -> tuple[int, int]:
+    """(real tokens, loss tokens) of one rank's share of a batch (host side, for tokens/s)."""
+    exs = [dataset.examples[i] for i in list(global_idx)[rank::world_size]]
+    return sum(e.length for e in exs), sum(e.n_loss for e in exs)
 
 
 def describe_batching(ds: TokenDataset) -> str:

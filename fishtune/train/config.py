@@ -117,7 +117,11 @@ MLX_DEFAULTS: dict[str, Any] = {
     "chat_feature": None,
 }
 # Keys of the `fishtune:` section (also accepted at top level in overrides).
-PROJECT_KEYS = ("template", "system_prompt", "mask_prompt", "base_model", "resume")
+PROJECT_KEYS = ("template", "system_prompt", "mask_prompt", "base_model", "resume", "lr_schedule_lengths")
+SCHEDULE_LENGTHS = ("explicit", "derived")
+# fishtune.lr_schedule_lengths: derived -> the warmup is this share of the run's optimizer updates
+# (at least 1), and the decay runs over the rest. 0.1 is the seed run's 2 of 20 updates.
+DERIVED_WARMUP_FRACTION = 0.1
 # The seed guide's flat lora_config.yaml names -> where they go.
 SEED_FLAT_KEYS = {
     "lora_rank": "lora_parameters.rank",
@@ -193,6 +197,17 @@ class _Checker:
         return v
 
 
+def full_decay_steps(updates: int, warmup: int) -> int:
+    """The decay length (in updates) that makes the run's LAST update use the final learning rate.
+
+    MLX's optimizer uses ``schedule(k - 1)`` for update ``k`` (1-based);
+    ``build_schedule`` starts the decay at schedule step ``warmup + 1`` (at 0
+    without a warmup). So the decay must reach its end at step ``updates - 1``.
+    """
+    start = warmup + 1 if warmup else 0
+    return max(updates - 1 - start, 1)
+
+
 # ---------------------------------------------------------------- the dataclasses
 @dataclass
 class ProjectConfig:
@@ -203,6 +218,9 @@ class ProjectConfig:
     mask_prompt: bool = True  # loss on the answer only (finetune.py does the masking)
     base_model: str | None = None  # None = TrainConfig.model
     resume: bool = False  # finetune.py: continue from adapter_path/adapters.safetensors
+    # "derived": lr_schedule's warmup and decay lengths are re-sized to this run's optimizer
+    # updates (the shipped YAML's numbers are the seed run's); "explicit": used as written.
+    lr_schedule_lengths: str = "explicit"
 
     def validate(self, check: _Checker) -> None:
         check.str_("fishtune.template", self.template)
@@ -215,6 +233,7 @@ class ProjectConfig:
         check.bool_("fishtune.mask_prompt", self.mask_prompt)
         check.str_("fishtune.base_model", self.base_model, optional=True)
         check.bool_("fishtune.resume", self.resume)
+        check.str_("fishtune.lr_schedule_lengths", self.lr_schedule_lengths, choices=SCHEDULE_LENGTHS)
 
 
 @dataclass
@@ -361,23 +380,35 @@ class TrainConfig:
           Without an explicit lr_schedule it builds linear warmup + cosine
           decay to 0 over the remaining ``schedule_steps() - warmup - 1``
           updates (the cosine part starts one update after the warmup ends).
-        * An explicit lr_schedule is otherwise used as written: its lengths
+        * ``fishtune.lr_schedule_lengths: derived`` (the shipped YAML): the
+          warmup becomes ``DERIVED_WARMUP_FRACTION`` of this run's updates (at
+          least 1, when the schedule has a warmup) and the decay (cosine
+          ``decay_steps``, linear ``steps``) runs to the last update, whatever
+          ``--iters``, ``--batch-size`` or ``--grad-accumulation-steps`` say.
+        * Otherwise an explicit lr_schedule is used as written: its lengths
           are already optimizer updates, exactly as MLX-LM reads them.
         """
         if self.lr_schedule is None and self.warmup_steps is None:
             return None
-        auto_decay = self.lr_schedule is None
+        derived = self.lr_schedule is not None and self.project.lr_schedule_lengths == "derived"
+        auto_decay = self.lr_schedule is None or derived
         sched = (
             {"name": "cosine_decay", "warmup": 0, "warmup_init": 0.0, "arguments": [self.learning_rate, 1, 0.0]}
-            if auto_decay
+            if self.lr_schedule is None
             else copy.deepcopy(self.lr_schedule)
         )
         args = list(sched["arguments"])
         args[0] = self.learning_rate
+        updates = self.schedule_steps()
         if self.warmup_steps is not None:
             sched["warmup"] = math.ceil(self.warmup_steps / self.grad_accumulation_steps)
-        if auto_decay:
-            args[1] = max(self.schedule_steps() - int(sched.get("warmup", 0)) - 1, 1)
+        elif derived and sched.get("warmup"):
+            sched["warmup"] = min(max(1, round(DERIVED_WARMUP_FRACTION * updates)), max(updates - 2, 0))
+        rest = full_decay_steps(updates, int(sched.get("warmup", 0) or 0))
+        if auto_decay and sched["name"] == "cosine_decay":
+            args[1] = rest  # decay_steps
+        elif auto_decay and sched["name"] == "linear_schedule":
+            args[2] = rest  # steps
         sched["arguments"] = args
         return sched
 
@@ -397,13 +428,14 @@ class TrainConfig:
             )
             return
         args = sched.get("arguments") or []
-        if sched.get("name") == "cosine_decay" and len(args) > 1 and warmup + 1 + args[1] < steps:
-            # e.g. --iters raised on the command line but the YAML's decay_steps kept
+        ends = (warmup + 1 if warmup else 0) + (args[1] if len(args) > 1 else 0)  # last update above the floor
+        if sched.get("name") == "cosine_decay" and len(args) > 1 and ends + 1 < steps:
+            # e.g. --iters raised on the command line but explicit decay_steps kept
             logger.warning(
                 "lr_schedule: the cosine decay ends after update %d of %d; the last %d updates run at the final "
-                "learning rate %g; for a full decay set lr_schedule.arguments[1] to %d (updates - warmup - 1)",
-                warmup + 1 + args[1], steps, steps - (warmup + 1 + args[1]),
-                args[2] if len(args) > 2 else 0.0, steps - warmup - 1,
+                "learning rate %g; for a full decay set lr_schedule.arguments[1] to %d (updates - warmup - 2), "
+                "or fishtune.lr_schedule_lengths: derived",
+                ends, steps, steps - ends, args[2] if len(args) > 2 else 0.0, full_decay_steps(steps, warmup),
             )
 
     # ---- output
@@ -416,6 +448,7 @@ class TrainConfig:
             "mask_prompt": p.mask_prompt,
             "base_model": self.base_model,
             "resume": p.resume,
+            "lr_schedule_lengths": p.lr_schedule_lengths,
         }
 
     def to_mlx_dict(self) -> dict[str, Any]:

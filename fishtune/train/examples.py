@@ -21,24 +21,44 @@ import numpy as np
 from fishtune.errors import UserError
 from fishtune.fileio import read_jsonl
 from fishtune.template import PromptTemplate, get_template
-from fishtune.tokens import encode_pair, encode_text
+from fishtune.tokens import encode_text, encode_turns
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Example:
+    """One record as token ids and the spans of tokens that carry loss.
+
+    ``spans``: ``[start, end)`` token ranges, one per supervised answer (every
+    assistant turn of a conversation); token ``k`` of a span is the target
+    predicted from position ``k - 1``, so token 0 never carries loss.
+    """
+
     tokens: np.ndarray  # int32 token ids (already truncated)
-    offset: int  # index of the first token that carries loss
+    spans: tuple[tuple[int, int], ...]
 
     @property
     def length(self) -> int:
         return int(self.tokens.shape[0])
 
     @property
+    def offset(self) -> int:
+        """The first token that carries loss (the length when none does)."""
+        return self.spans[0][0] if self.spans else self.length
+
+    def loss_positions(self) -> np.ndarray:
+        """Indices ``k - 1`` of the targets ``k`` that carry loss (into ``tokens[1:]``)."""
+        parts = [np.arange(max(s, 1) - 1, e - 1) for s, e in self.spans if e > max(s, 1)]
+        return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, dtype=np.int32)
+
+    @property
     def n_loss(self) -> int:
-        """Number of loss targets: token positions 1..length-1 at or after offset."""
-        return max(0, self.length - max(self.offset, 1))
+        return sum(max(0, e - max(s, 1)) for s, e in self.spans)
+
+
+def _clip(spans: list[tuple[int, int]], n: int) -> tuple[tuple[int, int], ...]:
+    return tuple((s, min(e, n)) for s, e in spans if s < n and min(e, n) > s)
 
 
 @dataclass
@@ -48,6 +68,7 @@ class DataReport:
     name: str
     records: int = 0
     masked: int = 0  # prompt masked (question/answer or messages rows)
+    answers: int = 0  # supervised answers (every assistant turn of a conversation)
     raw_text: int = 0  # trained on the whole text
     truncated: int = 0
     no_loss_left: int = 0  # prompt alone fills max_seq_length
@@ -64,34 +85,39 @@ class DataReport:
 
 def record_parts(
     row: dict[str, Any], where: str, template: PromptTemplate, system_prompt: str | None
-) -> tuple[str, str] | str:
-    """``(prompt, completion)`` for masked training, or the raw text.
+) -> list[tuple[str, str]] | str:
+    """The ``(prefix, completion)`` of every answer to train on, or the raw text.
 
+    ``messages`` records and the data stage's rows (``question``/``answer``
+    plus the earlier turns in ``history``) supervise every assistant turn.
     ``where`` is ``file:line`` for error messages.
     """
     if "messages" in row:
         msgs = row["messages"]
         if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
             raise UserError(f"{where}: 'messages' must be a list of {{role, content}} objects")
-        try:
-            return template.split_for_training(msgs, system_prompt)
-        except UserError as exc:
-            raise UserError(f"{where}: {exc}") from None
-    if "question" in row or "answer" in row:
+    elif "question" in row or "answer" in row:
         for key in ("question", "answer"):
             val = row.get(key)
             if not isinstance(val, str) or not val.strip():
                 raise UserError(f"{where}: field {key!r} must be a non-empty string, got {val!r}")
-        msgs = [{"role": "user", "content": row["question"]}, {"role": "assistant", "content": row["answer"]}]
-        return template.split_for_training(msgs, system_prompt)
-    if "text" in row:
+        history = row.get("history") or []
+        if not isinstance(history, list) or not all(isinstance(m, dict) for m in history):
+            raise UserError(f"{where}: 'history' must be a list of {{role, content}} objects (as process_data.py writes it)")
+        msgs = [*history, {"role": "user", "content": row["question"]}, {"role": "assistant", "content": row["answer"]}]
+    elif "text" in row:
         if not isinstance(row["text"], str) or not row["text"].strip():
             raise UserError(f"{where}: field 'text' must be a non-empty string, got {row['text']!r}")
         return row["text"]
-    raise UserError(
-        f"{where}: record has none of 'question'+'answer', 'messages' or 'text' (keys: {sorted(row)}); "
-        "run process_data.py to produce training records"
-    )
+    else:
+        raise UserError(
+            f"{where}: record has none of 'question'+'answer', 'messages' or 'text' (keys: {sorted(row)}); "
+            "run process_data.py to produce training records"
+        )
+    try:
+        return template.training_turns(msgs, system_prompt)
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
 
 
 def build_examples(
@@ -109,22 +135,22 @@ def build_examples(
     examples: list[Example] = []
     for i, row in enumerate(rows):
         parts = record_parts(row, f"{name}:{i + 1}", template, system_prompt)
-        if isinstance(parts, tuple):
-            prompt, completion = parts
-            toks, offset, merged = encode_pair(tokenizer, prompt, completion)
-            report.boundary_merges += int(merged)
+        if isinstance(parts, list):
+            toks, spans, merged = encode_turns(tokenizer, parts)
+            report.boundary_merges += merged
             report.masked += 1
+            report.answers += len(spans)
             if not mask_prompt:
-                offset = 0
+                spans = [(0, len(toks))]
         else:
             toks = encode_text(tokenizer, parts)
-            offset = 0
+            spans = [(0, len(toks))]
             report.raw_text += 1
         report.longest_original = max(report.longest_original, len(toks))
         if len(toks) > max_seq_length:
             report.truncated += 1
             toks = toks[:max_seq_length]
-        ex = Example(np.asarray(toks, dtype=np.int32), offset)
+        ex = Example(np.asarray(toks, dtype=np.int32), _clip(spans, len(toks)))
         if ex.n_loss == 0:
             report.no_loss_left += 1
         report.total_tokens += ex.length

@@ -47,6 +47,7 @@ from fishtune.train.batches import (
 from fishtune.train.config import TrainConfig, load_config
 from fishtune.train.distributed import all_sum_float, bcast_int, bcast_tree, on_rank0
 from fishtune.train.distributed import world as distributed_world
+from fishtune.train.dora import use_fast_dora_norm
 from fishtune.train.examples import Splits, load_splits
 from fishtune.train.loss import masked_loss
 from fishtune.train.metrics import (
@@ -85,6 +86,7 @@ def apply_fine_tune_type(model: Any, cfg: TrainConfig) -> None:
             layer.unfreeze()
         return
     linear_to_lora_layers(model, cfg.num_layers, cfg.lora_parameters, use_dora=(cfg.fine_tune_type == "dora"))
+    use_fast_dora_norm(model)
 
 
 def make_optimizer(cfg: TrainConfig) -> Any:
@@ -346,8 +348,9 @@ class Trainer:
             for step in range(start + 1, cfg.iters + 1):
                 tic = time.perf_counter()
                 mx.random.seed(step_seed(cfg.seed, step))
-                batch = make_batch(train, train.batch_for_step(step), cfg.max_seq_length, self.rank, self.nproc)
-                n_all, n_loss = batch_token_counts(batch[1])
+                rows = train.batch_for_step(step)
+                batch = make_batch(train, rows, cfg.max_seq_length, self.rank, self.nproc)
+                n_all, n_loss = batch_token_counts(train, rows, self.rank, self.nproc)
                 lvalue, _, grad_accum = step_fn(batch, grad_accum, step % cfg.grad_accumulation_steps == 0)
                 w.loss = w.loss + lvalue
                 mx.eval(self.state, w.loss, grad_accum)
@@ -433,6 +436,7 @@ def evaluate_adapter(cfg: TrainConfig) -> RunResult:
 
     tic = time.perf_counter()
     lm = load_model(cfg.model, cfg.adapter_path, fuse=False)
+    use_fast_dora_norm(lm.model)
     mask = lm.meta.extra.get("mask_prompt", cfg.mask_prompt)
     project = dataclasses.replace(cfg.project, template=lm.meta.template, system_prompt=lm.meta.system_prompt,
                                   mask_prompt=bool(mask))
