@@ -2,7 +2,7 @@
 
 Same bench model (bench/work/bench-model, float32 MLX weights; the GGUFs are
 written from the same folder by fishtune.export.gguf_writer, Q4_K_M by
-fishtune.export.quantize through llama.cpp), same prompt token ids (the project's
+fishtune.export.llama_cpp.quantize through llama.cpp), same prompt token ids (the project's
 alpaca prompt with the system preamble and a fish-care question), greedy.
 Each contender runs in its own process (bench/gen_worker.py), alternating,
 ``--repeats`` times; the tables use the warm call's medians (the cold first
@@ -17,8 +17,20 @@ import json
 import sys
 from pathlib import Path
 
-from common import (PY, ROOT, WORK, alternate, child_env, load_average, log, median, quiet_note, ratio,
-                    run_measured, write_result)
+from common import (
+    PY,
+    ROOT,
+    WORK,
+    alternate,
+    child_env,
+    load_average,
+    log,
+    median,
+    quiet_note,
+    ratio,
+    run_measured,
+    write_result,
+)
 from fixtures import build_model
 
 CONTENDERS = ("ours", "mlx_lm_raw", "llama_cpp_f16", "llama_cpp_q4_k_m")
@@ -27,18 +39,19 @@ QUESTION = "我的金鱼身上出现了很多白点，还总在缸壁上蹭身�
 
 def build_ggufs(model: Path) -> dict[str, Path]:
     """F16 and Q4_K_M GGUFs of the bench model (reused when present)."""
-    from fishtune.export.gguf_writer import load_project_meta, read_hf_model, write_gguf
-    from fishtune.export.quantize import quantize_with_llama_cpp
+    from fishtune.export.gguf_writer import read_hf_model, write_gguf
+    from fishtune.export.llama_cpp import quantize
+    from fishtune.project import read_export_meta
 
     f16, q4 = WORK / "bench-f16.gguf", WORK / "bench-q4_k_m.gguf"
     if not f16.is_file() or f16.stat().st_mtime < (model / "model.safetensors").stat().st_mtime:
         log("writing F16 GGUF")
-        write_gguf(read_hf_model(model), load_project_meta(model), f16, "F16", progress=False)
+        write_gguf(read_hf_model(model), read_export_meta(model), f16, "F16", progress=False)
         if q4.exists():
             q4.unlink()
     if not q4.is_file():
         log("quantizing Q4_K_M")
-        quantize_with_llama_cpp(f16, q4, "Q4_K_M")
+        quantize(f16, q4, "Q4_K_M")
     return {"llama_cpp_f16": f16, "llama_cpp_q4_k_m": q4}
 
 

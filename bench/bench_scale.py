@@ -11,7 +11,7 @@ in its own process (bench/scale_worker.py) so its peak RSS is its own:
    backend has no fast bfloat16 matmul (measured ~25x slower than float32 on
    OpenBLAS, see train.json's matmul_peak_gflops), so a bf16 step would take
    tens of minutes.
-3. export: fishtune.hf_export.export_huggingface on the bf16 base + the
+3. export: fishtune.export.hf.export_huggingface on the bf16 base + the
    adapter (verify=False: the verification loads a second, torch copy).
 4. gguf: fishtune.export.gguf_writer F16; 5. quant: Q4_K_M through llama.cpp;
 6. llama.cpp generation on the Q4_K_M file (bench/gen_worker.py).
@@ -28,7 +28,17 @@ import json
 import shutil
 import sys
 
-from common import (PY, ROOT, WORK, child_env, load_average, log, quiet_note, run_measured, write_result)
+from common import (
+    PY,
+    ROOT,
+    WORK,
+    child_env,
+    load_average,
+    log,
+    quiet_note,
+    run_measured,
+    write_result,
+)
 from fixtures import QWEN2_15B_CONFIG, data_length_stats, make_data, matmul_params
 
 # Published MLX-LM LoRA training speeds (mlx-examples lora/README.md):

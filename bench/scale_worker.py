@@ -4,7 +4,7 @@
     python bench/scale_worker.py train  MODEL DATA ADAPTER ITERS  # DoRA, batch 1, 512 tokens, fishtune.train.trainer
     python bench/scale_worker.py export MODEL ADAPTER OUT         # fishtune.export.hf (verify off)
     python bench/scale_worker.py gguf   HF_DIR OUT.gguf           # fishtune.export.gguf_writer F16
-    python bench/scale_worker.py quant  F16.gguf OUT.gguf         # fishtune.export.quantize Q4_K_M (llama.cpp)
+    python bench/scale_worker.py quant  F16.gguf OUT.gguf         # fishtune.export.llama_cpp.quantize Q4_K_M
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402,F401  (repo on sys.path)
+
 import fishtune  # noqa: E402,F401  (OpenBLAS before mlx)
 
 
@@ -44,14 +45,15 @@ def main() -> None:
         r = export_huggingface(args[0], args[1], args[2], force=True, verify=False)
         out["dtype"] = r.dtype
     elif what == "gguf":
-        from fishtune.export.gguf_writer import load_project_meta, read_hf_model, write_gguf
+        from fishtune.export.gguf_writer import read_hf_model, write_gguf
+        from fishtune.project import read_export_meta
 
-        r = write_gguf(read_hf_model(args[0]), load_project_meta(args[0]), args[1], "F16", progress=False)
+        r = write_gguf(read_hf_model(args[0]), read_export_meta(args[0]), args[1], "F16", progress=False)
         out["bytes"] = r.nbytes
     elif what == "quant":
-        from fishtune.export.quantize import quantize_with_llama_cpp
+        from fishtune.export.llama_cpp import quantize
 
-        quantize_with_llama_cpp(args[0], args[1], "Q4_K_M")
+        quantize(args[0], args[1], "Q4_K_M")
     else:
         raise SystemExit(f"unknown stage {what}")
     out["seconds"] = time.perf_counter() - t0

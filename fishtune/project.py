@@ -38,6 +38,18 @@ DEFAULT_BASE_MODEL = "Qwen/Qwen2-1.5B"
 META_KEY = "fishtune"  # our key inside adapter_config.json (and the YAML's section)
 
 
+class DataFiles:
+    """Names inside a data folder written by ``process_data.py`` (and read by ``finetune.py``)."""
+
+    SPLITS = ("train", "valid", "test")
+    REPORT = "report.json"
+    REJECTED = "rejected.jsonl"  # only with --skip-invalid
+
+    @staticmethod
+    def split(name: str) -> str:
+        return f"{name}.jsonl"
+
+
 class AdapterFiles:
     """Names inside an adapter folder written by ``finetune.py``."""
 
@@ -190,5 +202,5 @@ def read_export_meta(hf_dir: str | Path, template: str | None = None, system_pro
     return meta
 
 
-__all__ = ["AdapterFiles", "ExportFiles", "ProjectMeta", "META_KEY", "DEFAULT_BASE_MODEL", "read_adapter_config",
+__all__ = ["DataFiles", "AdapterFiles", "ExportFiles", "ProjectMeta", "META_KEY", "DEFAULT_BASE_MODEL", "read_adapter_config",
            "read_project_meta", "meta_from_adapter_config", "meta_for_base", "read_export_meta"]

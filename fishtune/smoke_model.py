@@ -33,7 +33,7 @@ from typing import Iterator
 import numpy as np
 
 from fishtune.errors import UserError, run_cli, setup_logging
-from fishtune.fileio import atomic_write_json, replace_dir
+from fishtune.fileio import atomic_path, atomic_write_json, replace_dir
 
 logger = logging.getLogger(__name__)
 
@@ -170,9 +170,8 @@ def build_smoke_model(out_dir: str | os.PathLike, size: str = "tiny", seed: int 
     build_qwen2_tokenizer(out)
     weights = smoke_weights(size, seed)
     # safetensors sorts tensors by name, so the bytes depend only on the weights.
-    tmp = out / ".model.safetensors.tmp"
-    save_file(weights, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / "model.safetensors")
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_file(weights, str(tmp), metadata={"format": "pt"})
     atomic_write_json(out / "config.json", smoke_config(size))
     atomic_write_json(out / "generation_config.json", generation_config())
     atomic_write_json(out / STAMP_FILE, _stamp(size, seed))

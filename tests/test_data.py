@@ -509,3 +509,62 @@ def test_error_max_seq_length_and_template(tmp_path):
         run_pipeline(DataOptions(input=inp, output_dir=tmp_path / "o", tokenizer=str(tmp_path), max_seq_length=0))
     with pytest.raises(UserError, match=r"unknown template 'llama'; choose one of: alpaca, chatml"):
         run_pipeline(DataOptions(input=inp, output_dir=tmp_path / "o", template="llama"))
+
+
+# --------------------------------------------------------------------------- data v2: shapes, labels, groups
+def test_mixed_shapes_one_file(tmp_path):
+    """question/answer and messages records in one file; every assistant turn is counted as an answer."""
+    rows = synth_records(30)
+    rows.append({"messages": [{"role": "user", "content": "金鱼白点怎么办？"}, {"role": "assistant", "content": "升温到28–30℃。"},
+                              {"role": "user", "content": "按你说的升温三天了还有白点？"}, {"role": "assistant", "content": "继续坚持，总疗程7–10天。"}],
+                 "category": CATEGORIES[0]})
+    rep = run_pipeline(DataOptions(input=write_json(tmp_path / "in.json", rows), output_dir=tmp_path / "o"))
+    assert rep["counts"]["kept"] == 31 and rep["source"]["fields"] == "question/answer + messages"
+    assert rep["conversations"] == {"multi_turn": 1, "answers": 32}
+    shapes = rep["answer_shapes"]
+    assert shapes["short"] + shapes["middle"] + shapes["long"] == 32 and shapes["short"] == 32
+
+
+def test_labels_outside_the_vocabulary_are_rejected(tmp_path):
+    (tmp_path / "vocabulary.yaml").write_text(
+        f"categories: [{', '.join(CATEGORIES)}]\ntags: [白点病, 烂鳍]\n", encoding="utf-8")
+    rows = synth_records(12)
+    rows[3]["tags"] = ["白点病", "白点"]
+    rows[5]["category"] = "杂项"
+    inp = write_json(tmp_path / "in.json", rows)
+    with pytest.raises(UserError, match=r"record 4: tag '白点' is not in .*vocabulary\.yaml \(closest: '白点病'\); "
+                                        r"use a listed tag or add it to that file, or pass --skip-invalid .*1 more"):
+        run_pipeline(DataOptions(input=inp, output_dir=tmp_path / "o"))
+    rep = run_pipeline(DataOptions(input=inp, output_dir=tmp_path / "o", skip_invalid=True))
+    assert rep["rejected_by_reason"] == {"unknown_label": 2}
+    assert rep["labels"]["vocabulary"] == str(tmp_path / "vocabulary.yaml")
+    # --vocabulary none turns the check off; another file can be named
+    assert run_pipeline(DataOptions(input=inp, output_dir=tmp_path / "p", vocabulary="none"))["counts"]["rejected"] == 0
+    with pytest.raises(UserError, match=r"--vocabulary nope\.yaml: file not found"):
+        run_pipeline(DataOptions(input=inp, output_dir=tmp_path / "q", vocabulary="nope.yaml"))
+
+
+def test_a_question_asked_inside_a_conversation_stays_in_its_split(tmp_path):
+    """A conversation that asks a record's question as an earlier turn goes to the same split (every turn is trained)."""
+    from fishtune.data.splitting import conversation_groups
+
+    rows = synth_records(60)
+    for i in range(0, 60, 3):  # 20 conversations whose first turn is another record's question
+        rows.append({"messages": [{"role": "user", "content": rows[i]["question"]}, {"role": "assistant", "content": "先隔离。"},
+                                  {"role": "user", "content": f"第{i}号缸隔离以后呢？"}, {"role": "assistant", "content": "观察两周。"}],
+                     "category": rows[i]["category"]})
+    # ... while a greeting shared by many conversations links nothing
+    for i in range(10):
+        rows.append({"messages": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "请说。"},
+                                  {"role": "user", "content": f"第{i}号问题是什么？"}, {"role": "assistant", "content": "好的。"}],
+                     "category": CATEGORIES[i % len(CATEGORIES)]})
+    src = read_records(write_json(tmp_path / "in.json", rows))
+    recs, bad = validate_records(src.records, detect_fields(src.records, src.path), "alpaca", None)
+    assert not bad
+    groups = conversation_groups(recs)
+    assert sorted(len(g) for g in groups).count(2) == 20 and len(groups) == 90 - 20
+    splits = split_records(recs, 0.6, 0.2, 0.2, seed=1)
+    where = {r.number: s for s, rs in splits.items() for r in rs}
+    for i in range(0, 60, 3):
+        assert where[i + 1] == where[61 + i // 3]
+    assert len({where[81 + i] for i in range(10)}) > 1  # the greeting conversations are spread over the splits

@@ -12,14 +12,13 @@ import numpy as np
 import pytest
 
 from fishtune.errors import UserError, run_cli
-from fishtune.export.gguf_writer import read_gguf_header, tensor_type_counts
+from fishtune.export import gguf_cli
+from fishtune.export.gguf_file import read_gguf_header, tensor_type_counts
 from fishtune.template import DEFAULT_SYSTEM_PROMPT, get_template
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-import convert_to_gguf  # noqa: E402
 
-convert = run_cli(convert_to_gguf.main)
+convert = run_cli(gguf_cli.main)
 
 
 def linked_copy(src: Path, dst: Path) -> Path:
@@ -110,10 +109,10 @@ def test_q8_0_and_f16_without_llama_cpp(smoke_model_dir, tmp_path):
 
     for qtype in ("Q8_0", "F16", "BF16"):
         code = (
-            "import sys, runpy; sys.modules['llama_cpp'] = None; "
-            f"sys.argv = ['convert_to_gguf.py', '--hf-model-dir', {str(smoke_model_dir)!r}, "
-            f"'--output-file', {str(tmp_path / qtype / 'm.gguf')!r}, '--quantize', {qtype!r}, '--no-verify']; "
-            "runpy.run_path('convert_to_gguf.py', run_name='__main__')"
+            "import sys; sys.modules['llama_cpp'] = None; "
+            "from fishtune.errors import run_cli; from fishtune.export import gguf_cli; "
+            f"sys.exit(run_cli(gguf_cli.main)(['--hf-model-dir', {str(smoke_model_dir)!r}, "
+            f"'--output-file', {str(tmp_path / qtype / 'm.gguf')!r}, '--quantize', {qtype!r}, '--no-verify']))"
         )
         proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -148,12 +147,12 @@ def test_sharded_checkpoint_gives_the_same_file(f32_run, smoke_model_dir, tmp_pa
         save_file({n: tensors[n] for n in part}, str(hf / fname), metadata={"format": "pt"})
         weight_map.update({n: fname for n in part})
     (hf / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    assert convert_to_gguf.main(["--hf-model-dir", str(hf), "--output-file", str(tmp_path / "fish.gguf"),
+    assert gguf_cli.main(["--hf-model-dir", str(hf), "--output-file", str(tmp_path / "fish.gguf"),
                                  "--quantize", "F32", "--no-verify"]) == 0
     assert (tmp_path / "fish.gguf").read_bytes() == (f32_run[0] / "fish.gguf").read_bytes()
     (hf / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(UserError, match=r"model-00002-of-00002\.safetensors is missing \(listed in model\.safetensors\.index\.json"):
-        convert_to_gguf.main(["--hf-model-dir", str(hf), "--output-file", str(tmp_path / "x.gguf")])
+        gguf_cli.main(["--hf-model-dir", str(hf), "--output-file", str(tmp_path / "x.gguf")])
 
 
 def test_q4_k_m_on_k256_uses_k_quants(smoke_model_k256_dir, tmp_path):
@@ -188,8 +187,8 @@ def test_q4_k_m_on_tiny_reports_fallback(smoke_model_dir, tmp_path, capsys):
 
 
 def test_project_meta_drives_template_eos_and_modelfile(smoke_model_dir, tmp_path, capsys):
-    from fishtune.project import ProjectMeta
     from fishtune.export.modelfile import parse_modelfile
+    from fishtune.project import ProjectMeta
 
     hf = linked_copy(smoke_model_dir, tmp_path / "hf")
     meta = ProjectMeta(template="chatml", system_prompt="你是鱼医生。", base_model="Qwen/Qwen2-0.5B")
@@ -215,8 +214,9 @@ def test_llama_family_permute_matches_transformers(smoke_model_dir, tmp_path):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fishtune.export.gguf_writer import load_project_meta, read_hf_model, write_gguf
-    from fishtune.export.verify import open_llama
+    from fishtune.export.gguf_writer import read_hf_model, write_gguf
+    from fishtune.export.llama_cpp import open_llama
+    from fishtune.project import read_export_meta
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -229,7 +229,7 @@ def test_llama_family_permute_matches_transformers(smoke_model_dir, tmp_path):
         (hf / f).write_bytes((smoke_model_dir / f).read_bytes())
     m = read_hf_model(hf)
     assert m.arch == "llama"
-    write_gguf(m, load_project_meta(hf), tmp_path / "llama.gguf", "F32", progress=False)
+    write_gguf(m, read_export_meta(hf), tmp_path / "llama.gguf", "F32", progress=False)
     fields, infos = read_gguf_header(tmp_path / "llama.gguf")
     tensors = {t.name for t in infos}
     assert "output.weight" in tensors and "blk.0.attn_q.bias" not in tensors
@@ -264,35 +264,35 @@ def test_unsupported_architecture_is_named(tmp_path):
     hf.mkdir()
     (hf / "config.json").write_text(json.dumps({"architectures": ["MistralForCausalLM"], "model_type": "mistral"}))
     with pytest.raises(UserError, match=r"architecture 'MistralForCausalLM' is not supported; supported: Qwen2ForCausalLM, LlamaForCausalLM"):
-        convert_to_gguf.main(["--hf-model-dir", str(hf), "--output-file", str(tmp_path / "m.gguf")])
+        gguf_cli.main(["--hf-model-dir", str(hf), "--output-file", str(tmp_path / "m.gguf")])
 
 
 def test_missing_or_broken_hf_folder(smoke_model_dir, tmp_path):
     with pytest.raises(UserError, match=r"HF model folder .*nope does not exist; run convert_to_huggingface.py"):
-        convert_to_gguf.main(["--hf-model-dir", str(tmp_path / "nope")])
+        gguf_cli.main(["--hf-model-dir", str(tmp_path / "nope")])
     hf = linked_copy(smoke_model_dir, tmp_path / "hf")
     (hf / "tokenizer.json").unlink()
     with pytest.raises(UserError, match=r"tokenizer\.json is missing"):
-        convert_to_gguf.main(["--hf-model-dir", str(hf), "--output-file", str(tmp_path / "m.gguf")])
+        gguf_cli.main(["--hf-model-dir", str(hf), "--output-file", str(tmp_path / "m.gguf")])
     (hf / "model.safetensors").unlink()
     with pytest.raises(UserError, match=r"model\.safetensors is missing .*holds no safetensors weights"):
-        convert_to_gguf.main(["--hf-model-dir", str(hf), "--output-file", str(tmp_path / "m.gguf")])
+        gguf_cli.main(["--hf-model-dir", str(hf), "--output-file", str(tmp_path / "m.gguf")])
     (hf / "config.json").unlink()
     (hf / "config.json").write_text("{not json")
     with pytest.raises(UserError, match=r"config\.json is not valid JSON"):
-        convert_to_gguf.main(["--hf-model-dir", str(hf)])
+        gguf_cli.main(["--hf-model-dir", str(hf)])
 
 
 def test_output_exists_needs_force(smoke_model_dir, tmp_path):
     (tmp_path / "m.gguf").write_bytes(b"old")
     with pytest.raises(UserError, match=r"output GGUF .*m\.gguf already exists; pass --force"):
-        convert_to_gguf.main(["--hf-model-dir", str(smoke_model_dir), "--output-file", str(tmp_path / "m.gguf")])
+        gguf_cli.main(["--hf-model-dir", str(smoke_model_dir), "--output-file", str(tmp_path / "m.gguf")])
     assert (tmp_path / "m.gguf").read_bytes() == b"old"
 
 
 def test_unknown_quant_type_lists_valid_ones(smoke_model_dir, tmp_path):
     with pytest.raises(UserError, match=r"unknown quantization type 'Q3_K_XL'; choose one of: Q4_K_M, Q5_K_M, Q6_K, Q8_0, Q4_0, F16, BF16, F32"):
-        convert_to_gguf.main(["--hf-model-dir", str(smoke_model_dir), "--quantize", "Q3_K_XL"])
+        gguf_cli.main(["--hf-model-dir", str(smoke_model_dir), "--quantize", "Q3_K_XL"])
 
 
 def test_cli_error_is_one_line(tmp_path):
@@ -303,24 +303,24 @@ def test_cli_error_is_one_line(tmp_path):
 
 
 def test_default_system_prompt_is_the_seed_one():
-    from fishtune.export.gguf_writer import load_project_meta
+    from fishtune.project import read_export_meta
 
-    meta = load_project_meta("/nonexistent-dir")
+    meta = read_export_meta("/nonexistent-dir")
     assert meta.system_prompt == DEFAULT_SYSTEM_PROMPT and meta.template == "alpaca"
 
 
 @pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
 def test_proof_fails_on_a_broken_conversion(smoke_model_dir, tmp_path, monkeypatch, capsys, qtype):
     """Fault injection: a writer that flips one weight matrix is caught, exit 1, no Modelfile."""
-    from fishtune.export import gguf_writer as gguf_export
+    from fishtune.export import gguf_writer
 
-    real = gguf_export.load_tensor
+    real = gguf_writer.load_tensor
 
     def broken(model, plan):
         arr = real(model, plan)
         return -arr if plan.hf_name == "model.layers.1.mlp.down_proj.weight" else arr
 
-    monkeypatch.setattr(gguf_export, "load_tensor", broken)
+    monkeypatch.setattr(gguf_writer, "load_tensor", broken)
     out = tmp_path / "m.gguf"
     assert convert(["--hf-model-dir", str(smoke_model_dir), "--output-file", str(out), "--quantize", qtype]) == 1
     cap = capsys.readouterr()
@@ -357,10 +357,9 @@ def test_rope_theta_from_either_config_place(smoke_model_dir, tmp_path, capsys):
 
 def test_other_llama_cpp_quant_types_load_and_run(smoke_model_k256_dir, tmp_path):
     """Q5_K_M, Q6_K and Q4_0 from one F16 intermediate (k256: real K-quant tensors); llama.cpp runs each."""
-    from fishtune.project import ProjectMeta
     from fishtune.export.gguf_writer import read_hf_model, write_gguf
-    from fishtune.export.verify import open_llama
-    from fishtune.export.quantize import quantize_with_llama_cpp
+    from fishtune.export.llama_cpp import open_llama, quantize
+    from fishtune.project import ProjectMeta
 
     pytest.importorskip("llama_cpp")
     f16 = tmp_path / "m-f16.gguf"
@@ -369,7 +368,7 @@ def test_other_llama_cpp_quant_types_load_and_run(smoke_model_k256_dir, tmp_path
     ids = [9707, 1879, 11, 116214, 100655, 106410, 30, 220]
     for qtype, expect in (("Q5_K_M", "Q5_K"), ("Q6_K", "Q6_K"), ("Q4_0", "Q4_0")):
         out = tmp_path / f"m-{qtype}.gguf"
-        quantize_with_llama_cpp(f16, out, qtype, nthread=2)
+        quantize(f16, out, qtype, nthread=2)
         counts = tensor_type_counts(out)
         assert counts.get(expect, 0) > 0, (qtype, counts)
         assert out.stat().st_size < f16.stat().st_size * 0.6, qtype
@@ -379,3 +378,85 @@ def test_other_llama_cpp_quant_types_load_and_run(smoke_model_k256_dir, tmp_path
             assert np.isfinite(np.asarray(llm.scores[: len(ids)])).all(), qtype
         finally:
             llm.close()
+
+
+# ---- the architecture registry, the llama.cpp loader, the command dispatcher ------------
+
+
+def test_architecture_registry_names_unknown_input():
+    from fishtune.export.architectures import architectures, by_model_type, for_hf_config
+
+    assert [a.hf_class for a in architectures()] == ["Qwen2ForCausalLM", "LlamaForCausalLM"]
+    assert for_hf_config({"architectures": ["LlamaForCausalLM"]}, "c.json").gguf_arch == "llama"
+    assert for_hf_config({"model_type": "qwen2"}, "c.json").hf_class == "Qwen2ForCausalLM"  # no architectures
+    assert by_model_type("llama", "c.json").tokenizer_pre == "llama-bpe"
+    with pytest.raises(UserError, match=r"c\.json: architecture 'mistral' is not supported; supported: qwen2, llama"):
+        by_model_type("mistral", "c.json")
+    with pytest.raises(UserError, match=r"architecture 'GPT2LMHeadModel' is not supported; supported: Qwen2ForCausalLM"):
+        for_hf_config({"architectures": ["GPT2LMHeadModel"], "model_type": "qwen2"}, "c.json")
+
+
+def test_rope_permutation_round_trips():
+    from fishtune.export.architectures import inverse_permute_rope, permute_rope
+
+    w = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)
+    p = permute_rope(w, 2)
+    assert not np.array_equal(p, w) and np.array_equal(inverse_permute_rope(p, 2), w)
+
+
+def test_repack_rule(tmp_path, monkeypatch, f32_run):
+    """Weight repacking is off only for quantized files on AMX CPUs; FISHTUNE_LLAMA_REPACK and repack= override."""
+    from fishtune.export import llama_cpp as lc
+    from fishtune.export.gguf_file import has_quantized_tensors
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f amx_bf16 amx_tile amx_int8\n")
+    assert lc.cpu_has_amx(cpuinfo)
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16\n")
+    assert not lc.cpu_has_amx(cpuinfo) and not lc.cpu_has_amx(tmp_path / "missing")
+    f32 = f32_run[0] / "fish.gguf"
+    assert not has_quantized_tensors(f32)
+    monkeypatch.delenv(lc.REPACK_ENV, raising=False)
+    monkeypatch.setattr(lc, "cpu_has_amx", lambda: True)
+    assert lc.repack_enabled(f32)  # AMX, float file: on
+    monkeypatch.setattr(lc, "_has_quantized_tensors", lambda path: True)
+    assert not lc.repack_enabled(f32)  # AMX, quantized file: off
+    assert lc.repack_enabled(f32, repack=True)
+    monkeypatch.setenv(lc.REPACK_ENV, "1")
+    assert lc.repack_enabled(f32)
+    monkeypatch.setattr(lc, "cpu_has_amx", lambda: False)
+    monkeypatch.setenv(lc.REPACK_ENV, "0")
+    assert not lc.repack_enabled(f32)
+    monkeypatch.setenv(lc.REPACK_ENV, "yes")
+    with pytest.raises(UserError, match="FISHTUNE_LLAMA_REPACK='yes': use 1"):
+        lc.repack_enabled(f32)
+
+
+def test_open_llama_scopes_the_workaround_to_the_load(f32_run):
+    pytest.importorskip("llama_cpp")
+    import llama_cpp.llama_cpp as lib
+
+    from fishtune.export.llama_cpp import is_end_of_generation, open_llama, tokenize
+
+    default = lib.llama_model_default_params
+    llm = open_llama(f32_run[0] / "fish.gguf", n_ctx=64, repack=False)
+    try:
+        assert llm.model_params.use_extra_bufts is False
+        assert lib.llama_model_default_params is default and lib.llama_model_default_params().use_extra_bufts
+        eos = llm.token_eos()
+        assert is_end_of_generation(llm, eos) and not is_end_of_generation(llm, tokenize(llm, "鱼")[0])
+        assert tokenize(llm, "答<|endoftext|>")[-1] == eos
+    finally:
+        llm.close()
+
+
+def test_python_m_fishtune_export(smoke_model_dir, tmp_path):
+    """``python -m fishtune.export gguf`` takes the script's flags; unknown commands are named."""
+    proc = subprocess.run([sys.executable, "-m", "fishtune.export", "gguf", "--hf-model-dir", str(smoke_model_dir),
+                           "--output-file", str(tmp_path / "m.gguf"), "--quantize", "F16", "--dry-run"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "would write: " in proc.stdout and not list(tmp_path.iterdir())
+    proc = subprocess.run([sys.executable, "-m", "fishtune.export", "quantise"], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "unknown command 'quantise'; choose one of: huggingface, gguf, modelfile" in proc.stderr

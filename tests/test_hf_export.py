@@ -11,23 +11,15 @@ import pytest
 
 from conftest import REPO
 from fishtune.errors import UserError, run_cli
-
-
-def _script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("convert_to_huggingface", REPO / "convert_to_huggingface.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from fishtune.export import hf_cli
 
 
 def _convert(argv: list[str]) -> int:
-    return run_cli(_script().main)(argv)
+    return run_cli(hf_cli.main)(argv)
 
 
 def _parser():
-    return _script().build_parser()
+    return hf_cli.build_parser()
 
 
 @pytest.fixture(scope="module")
@@ -230,3 +222,12 @@ def test_failed_proof_exits_1_with_the_numbers(adapters, tmp_path, monkeypatch, 
     assert re.search(r"transformers_fused: max \|logit diff\| [0-9.e+-]+ \(tolerance 0\.0001\), greedy 32 tokens "
                      r"(identical|differ): FAIL", cap.out), cap.out
     assert re.search(r"transformers_peft: .*: PASS", cap.out)  # the PEFT adapter is still right
+
+
+def test_dry_run_checks_and_writes_nothing(adapters, tmp_path, capsys):
+    out = tmp_path / "hf"
+    assert _convert(["--adapter-path", str(adapters["dora"]), "--output-dir", str(out), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "(dora, template alpaca" in printed and "(Qwen2ForCausalLM)" in printed
+    assert "peft_adapter/" in printed and "tolerance 0.0001" in printed
+    assert not out.exists()

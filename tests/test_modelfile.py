@@ -154,7 +154,7 @@ def test_no_system_line_without_system_prompt():
 
 def test_modelfile_cli(tmp_path, capsys):
     from fishtune.errors import run_cli
-    from fishtune.export.modelfile import main
+    from fishtune.export.modelfile_cli import main
 
     out = tmp_path / "Modelfile"
     gguf = tmp_path / "ollama_model" / "qwen2-fish.gguf"
@@ -188,3 +188,15 @@ def test_jinja_chat_template_renders_the_training_prompt(hf_tokenizer, tname, co
     assert got == tpl.render_prompt(messages, system)
     full = with_sys + [{"role": "assistant", "content": A1}]
     assert hf_tokenizer.apply_chat_template(full, tokenize=False) == tpl.render_conversation(full)
+
+
+def test_modelfile_cli_dry_run_prints_and_writes_nothing(tmp_path, capsys):
+    from fishtune.errors import run_cli
+    from fishtune.export.modelfile_cli import main
+
+    out = tmp_path / "Modelfile"
+    argv = ["--gguf", str(tmp_path / "m.gguf"), "--output", str(out), "--hf-model-dir", str(tmp_path / "none"),
+            "--dry-run"]
+    assert run_cli(main)(argv) == 0
+    assert capsys.readouterr().out == render_modelfile("./m.gguf", get_template(), DEFAULT_SYSTEM_PROMPT)
+    assert not out.exists()

@@ -14,16 +14,16 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import requests
+from conftest import REPO, ServerProcess, free_port, server_adapter, sse_events
 
-from conftest import ARTIFACTS, REPO, ServerProcess, free_port, server_adapter, sse_events
-from fishtune.infer.chat import ChatSession
 from fishtune.errors import UserError
+from fishtune.infer.chat import ChatSession
 from fishtune.serve.sessions import SessionStore, check_session_id
 from fishtune.template import get_template
+
 
 @pytest.fixture(scope="module")
 def server(smoke_model_dir, tiny_data_dir, tmp_path_factory):

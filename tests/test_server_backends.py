@@ -6,18 +6,15 @@ behind the real server process and the real HTTP client code.
 """
 from __future__ import annotations
 
-import importlib.util
 import re
 
 import pytest
 import requests
+from conftest import ServerProcess, free_port, sse_events
+from fake_ollama import FakeOllama
 
-from conftest import REPO
 from fishtune.errors import UserError
 from fishtune.infer.generation import SamplingConfig
-from fake_ollama import FakeOllama
-from conftest import ServerProcess, free_port, sse_events
-
 
 # ---- Ollama -------------------------------------------------------------------------
 
@@ -116,10 +113,9 @@ def test_ollama_unknown_model_says_how_to_create_it(fake, tmp_path):
 
 
 def test_ollama_web_chat_wrapper(fake, tmp_path):
-    spec = importlib.util.spec_from_file_location("ollama_web_chat", REPO / "ollama-web-chat.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    args = mod.build_parser().parse_args([])
+    from fishtune.serve.cli import ollama_build_parser
+
+    args = ollama_build_parser().parse_args([])
     assert args.port == 5000 and args.host == "127.0.0.1"  # the seed's port
     srv = ServerProcess(["--ollama-url", fake.url], tmp_path / "server.log", script="ollama-web-chat.py")
     try:
@@ -139,8 +135,8 @@ def test_ollama_web_chat_wrapper(fake, tmp_path):
 @pytest.fixture(scope="module")
 def gguf_file(smoke_model_dir, tmp_path_factory):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
-    from fishtune.project import ProjectMeta
     from fishtune.export.gguf_writer import read_hf_model, write_gguf
+    from fishtune.project import ProjectMeta
 
     out = tmp_path_factory.mktemp("gguf") / "smoke-f16.gguf"
     write_gguf(read_hf_model(smoke_model_dir), ProjectMeta(base_model=str(smoke_model_dir)), out, "F16",
@@ -179,13 +175,13 @@ def test_gguf_server_page_and_api(gguf_file, tmp_path):
 def test_quantized_gguf_server(gguf_file, tmp_path):
     """A llama.cpp-quantized (Q4_K_M) file serves too: quantized kernels, multi-token prompts.
 
-    The server loads through gguf_verify.open_llama (plain CPU buffers): llama.cpp's AMX path
-    crashes on quantized models in some VMs, and this one advertises AMX.
+    The server loads through fishtune.export.llama_cpp.open_llama (no weight repacking there):
+    llama.cpp's AMX path crashes on quantized models in some VMs, and this one advertises AMX.
     """
-    from fishtune.export.quantize import quantize_with_llama_cpp
+    from fishtune.export.llama_cpp import quantize
 
     q4 = tmp_path / "smoke-q4_k_m.gguf"
-    quantize_with_llama_cpp(gguf_file, q4, "Q4_K_M", nthread=2)
+    quantize(gguf_file, q4, "Q4_K_M", nthread=2)
     srv = ServerProcess(["--gguf", q4, "--max-tokens", "6", "--temperature", "0", "--n-ctx", "512"],
                         tmp_path / "server.log")
     try:
@@ -202,8 +198,9 @@ def test_quantized_gguf_server(gguf_file, tmp_path):
 
 
 def test_gguf_system_prompt_from_modelfile(gguf_file):
-    from fishtune.serve.backends import LlamaCppBackend, gguf_project_meta
+    from fishtune.export.gguf_meta import gguf_project_meta
     from fishtune.export.modelfile import render_modelfile
+    from fishtune.serve.backends import LlamaCppBackend
     from fishtune.template import get_template
 
     folder = gguf_file.parent
@@ -230,8 +227,8 @@ def test_gguf_system_prompt_from_modelfile(gguf_file):
 
 
 def test_app_internal_error_is_json_without_traceback(fake):
-    from fishtune.serve.backends import OllamaBackend
     from fishtune.serve.app import create_app
+    from fishtune.serve.backends import OllamaBackend
 
     app = create_app(OllamaBackend("fish-care-assistant", fake.url))
 
@@ -247,8 +244,9 @@ def test_app_internal_error_is_json_without_traceback(fake):
 
 
 def test_page_assets_are_local_and_headers(fake):
+    from fishtune.serve.app import create_app
     from fishtune.serve.backends import OllamaBackend
-    from fishtune.serve.app import COOKIE, create_app
+    from fishtune.serve.parsing import COOKIE
 
     c = create_app(OllamaBackend("fish-care-assistant", fake.url)).test_client()
     r = c.get("/")

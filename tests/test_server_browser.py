@@ -10,10 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from conftest import ARTIFACTS
+from conftest import ARTIFACTS, ServerProcess, server_adapter
 from fake_ollama import FakeOllama
-from conftest import ServerProcess, server_adapter
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

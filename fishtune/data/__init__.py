@@ -5,8 +5,8 @@
 -> ``report`` -> ``pipeline`` (``run_pipeline``: the order, the overwrite guard,
 the atomic writes) ; ``cli``: the command line.
 """
+from fishtune.data.options import DataOptions
 from fishtune.data.pipeline import (
-    DataOptions,
     check_outputs,
     run_pipeline,
     write_outputs,
@@ -23,7 +23,12 @@ from fishtune.data.records import (
     validate_record,
     validate_records,
 )
-from fishtune.data.report import build_report, format_summary, length_stats, options_fingerprint
+from fishtune.data.report import (
+    build_report,
+    format_summary,
+    length_stats,
+    options_fingerprint,
+)
 from fishtune.data.splitting import Duplicate, dedup, split_records, split_sizes
 from fishtune.data.token_limit import load_tokenizer
 

@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "offline: measure token lengths and reject too-long records")
     p.add_argument("--max-seq-length", type=int, default=1024,
                    help="max training text length in tokens, enforced only with --tokenizer (default: %(default)s)")
+    p.add_argument("--vocabulary", default=None, metavar="PATH",
+                   help="label vocabulary (YAML with categories/tags) every record's category and tags must be in "
+                        "(default: vocabulary.yaml beside --input, when it exists; 'none': no check)")
     p.add_argument("--skip-invalid", action="store_true",
                    help="drop invalid records (listed with reasons in <output-dir>/rejected.jsonl) instead of stopping")
     p.add_argument("--force", action="store_true",
@@ -80,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer=args.tokenizer,
         max_seq_length=args.max_seq_length,
         skip_invalid=args.skip_invalid,
+        vocabulary=args.vocabulary,
         force=args.force,
     )
     report = run_pipeline(opts)

@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from fishtune.data.options import DataOptions
 from fishtune.data.reading import SourceData, detect_fields, read_records
 from fishtune.data.records import Record, Rejection, _show, validate_records
 from fishtune.data.report import (
@@ -43,30 +43,12 @@ from fishtune.data.report import (
 )
 from fishtune.data.splitting import SPLITS, check_ratios, dedup, split_records
 from fishtune.data.token_limit import apply_token_limit, load_tokenizer
+from fishtune.data.vocabulary import apply_vocabulary, find_vocabulary, load_vocabulary
 from fishtune.errors import UserError
 from fishtune.fileio import atomic_write_json, atomic_write_jsonl
-from fishtune.template import DEFAULT_SYSTEM_PROMPT, DEFAULT_TEMPLATE, get_template
+from fishtune.template import get_template
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class DataOptions:
-    input: Path = Path("data/fish_care_dataset.json")
-    output_dir: Path = Path("data")
-    question_field: str | None = None
-    answer_field: str | None = None
-    category_field: str = "category"
-    train_ratio: float = 0.8
-    valid_ratio: float = 0.1
-    test_ratio: float = 0.1
-    seed: int = 42
-    template: str = DEFAULT_TEMPLATE
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    tokenizer: str | None = None
-    max_seq_length: int = 1024
-    skip_invalid: bool = False
-    force: bool = False
 
 
 # --------------------------------------------------------------------------- outputs
@@ -152,13 +134,19 @@ def run_pipeline(opts: DataOptions) -> dict[str, Any]:
     logger.debug("fields: %s, category field: %s", spec.describe(), spec.category)
     check_outputs(output_dir, src, options_fingerprint(opts, spec), opts.force)
 
+    vocab_path = find_vocabulary(src.path, opts.vocabulary)
+    vocab = load_vocabulary(vocab_path) if vocab_path else None
     records, rejected = validate_records(src.records, spec, opts.template, opts.system_prompt)
+    wheres = {r.number: r.where for r in src.records}
+    raws = {r.number: r.value for r in src.records}
+    if vocab is not None:
+        records, unknown = apply_vocabulary(records, vocab, wheres, raws)
+        rejected += unknown
     if opts.tokenizer and records:
         tok = load_tokenizer(opts.tokenizer)
-        wheres = {r.number: r.where for r in src.records}
-        raws = {r.number: r.value for r in src.records}
         records, too_long = apply_token_limit(records, tok, opts.max_seq_length, wheres, raws)
-        rejected = sorted(rejected + too_long, key=lambda r: r.number)
+        rejected += too_long
+    rejected.sort(key=lambda r: r.number)
     if rejected and not opts.skip_invalid:
         raise _invalid_error(src, rejected)
 
@@ -174,6 +162,6 @@ def run_pipeline(opts: DataOptions) -> dict[str, Any]:
     splits = split_records(kept, opts.train_ratio, opts.valid_ratio, opts.test_ratio, opts.seed)
     for r in rejected:
         logger.debug("rejected %s: %s", r.where, r.message)
-    report = build_report(src, opts, spec, splits, rejected, dups)
+    report = build_report(src, opts, spec, splits, rejected, dups, vocab)
     write_outputs(output_dir, splits, report, rejected)
     return report

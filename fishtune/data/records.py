@@ -25,6 +25,7 @@ REJECT_CODES: dict[str, str] = {
     "control_chars": "a field contains control characters (other than newline and tab)",
     "bad_messages": "a chat 'messages' list is malformed",
     "too_long": "the training text is longer than --max-seq-length tokens",
+    "unknown_label": "the category or a tag is not in the label vocabulary (--vocabulary)",
 }
 
 FIELD_PAIRS: tuple[tuple[str, str], ...] = (
@@ -62,6 +63,13 @@ class Record:
     # Earlier messages of a multi-turn record (system/user/assistant), so that
     # split_for_training(history + [q, a], system) gives prompt + completion == text.
     history: list[dict[str, str]] = field(default_factory=list)
+    # question_key of every user turn: records sharing one stay in one split.
+    turn_keys: tuple[str, ...] = ()
+
+    @property
+    def answers(self) -> list[str]:
+        """Every assistant turn (all of them are trained on)."""
+        return [m["content"] for m in self.history if m["role"] == "assistant"] + [self.answer]
 
     @property
     def id(self) -> str:
@@ -237,6 +245,7 @@ def _pair_record(raw: RawRecord, spec: FieldSpec, tpl: PromptTemplate, system: s
     return Record(
         number=raw.number, question=q, answer=a, category=category, tags=tags,
         text=tpl.training_text(q, a, system), question_key=question_key(q), exact_key=(q, a),
+        turn_keys=(question_key(q),),
     )
 
 
@@ -267,6 +276,7 @@ def _messages_record(raw: RawRecord, spec: FieldSpec, tpl: PromptTemplate, syste
         history=_history(norm),
         # "|" cannot survive question_key (punctuation), so the join is unambiguous.
         question_key="|".join(user_keys), exact_key=tuple(m["content"] for m in turns),
+        turn_keys=tuple(user_keys),
     )
 
 
@@ -288,7 +298,8 @@ def validate_record(raw: RawRecord, spec: FieldSpec, template: str, system_promp
             raw.value,
         )
     try:
-        if spec.messages:
+        # A data set may mix shapes: a record with `messages` and no question field is a conversation.
+        if spec.messages or (MESSAGES_FIELD in raw.value and spec.question not in raw.value):
             return _messages_record(raw, spec, tpl, system)
         return _pair_record(raw, spec, tpl, system)
     except _Invalid as exc:

@@ -3,19 +3,18 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
+from fishtune.data.options import DataOptions
 from fishtune.data.reading import SourceData
 from fishtune.data.records import MESSAGES_FIELD, FieldSpec, Record, Rejection
 from fishtune.data.splitting import SPLITS, Duplicate
-
-if TYPE_CHECKING:
-    from fishtune.data.pipeline import DataOptions
+from fishtune.project import DataFiles
 
 REPORT_VERSION = 1
-OUTPUT_FILES = {s: f"{s}.jsonl" for s in SPLITS}
-REPORT_FILE = "report.json"
-REJECTED_FILE = "rejected.jsonl"
+OUTPUT_FILES = {s: DataFiles.split(s) for s in SPLITS}
+REPORT_FILE = DataFiles.REPORT
+REJECTED_FILE = DataFiles.REJECTED
 
 # Options that decide what ends up in the splits: outputs made with other
 # values come from "another source" and are not overwritten without --force.
@@ -37,7 +36,7 @@ def length_stats(values: Sequence[int]) -> dict[str, float | int] | None:
     return {"min": v[0], "mean": round(sum(v) / len(v), 1), "p50": pct(50), "p95": pct(95), "max": v[-1]}
 
 
-def options_fingerprint(opts: "DataOptions", spec: FieldSpec) -> dict[str, Any]:
+def options_fingerprint(opts: DataOptions, spec: FieldSpec) -> dict[str, Any]:
     return {
         "question_field": MESSAGES_FIELD if spec.messages else spec.question,
         "answer_field": MESSAGES_FIELD if spec.messages else spec.answer,
@@ -51,13 +50,43 @@ def options_fingerprint(opts: "DataOptions", spec: FieldSpec) -> dict[str, Any]:
     }
 
 
+# Answer shapes (characters, every assistant turn): short direct answers, middle, step-by-step protocols.
+SHORT_MAX_CHARS = 80
+LONG_MIN_CHARS = 300
+
+
+def answer_shapes(answers: Sequence[str]) -> dict[str, Any]:
+    """How many answers are short (<= 80 characters), middle and long (>= 300), plus a 100-character histogram."""
+    lens = [len(a) for a in answers]
+    hist: dict[str, int] = {}
+    for n in sorted(lens):
+        lo = n // 100 * 100
+        key = f"{lo}-{lo + 99}"
+        hist[key] = hist.get(key, 0) + 1
+    return {
+        "short": sum(n <= SHORT_MAX_CHARS for n in lens),
+        "middle": sum(SHORT_MAX_CHARS < n < LONG_MIN_CHARS for n in lens),
+        "long": sum(n >= LONG_MIN_CHARS for n in lens),
+        "short_max_chars": SHORT_MAX_CHARS,
+        "long_min_chars": LONG_MIN_CHARS,
+        "histogram_chars": hist,
+    }
+
+
+def _fields(spec: FieldSpec, kept: Sequence[Record]) -> str:
+    """The detected fields, plus ``messages`` when a question/answer data set also holds conversations."""
+    mixed = not spec.messages and any(r.history for r in kept)
+    return spec.describe() + (f" + {MESSAGES_FIELD}" if mixed else "")
+
+
 def build_report(
     src: SourceData,
-    opts: "DataOptions",
+    opts: DataOptions,
     spec: FieldSpec,
     splits: dict[str, list[Record]],
     rejected: Sequence[Rejection],
     dups: Sequence[Duplicate],
+    vocabulary: Any = None,
 ) -> dict[str, Any]:
     kept = [r for s in SPLITS for r in splits[s]]
     n_in = len(src.records)
@@ -75,7 +104,7 @@ def build_report(
     tokens = [r.tokens for r in kept if r.tokens is not None]
     return {
         "report_version": REPORT_VERSION,
-        "source": {"path": str(src.path), "sha256": src.sha256, "format": src.format, "fields": spec.describe()},
+        "source": {"path": str(src.path), "sha256": src.sha256, "format": src.format, "fields": _fields(spec, kept)},
         "options": options_fingerprint(opts, spec),
         "template": opts.template,
         "system_prompt": opts.system_prompt,
@@ -92,6 +121,11 @@ def build_report(
         "splits": {s: len(splits[s]) for s in SPLITS},
         "files": {s: (OUTPUT_FILES[s] if splits[s] else None) for s in SPLITS},
         "categories": categories,
+        "conversations": {"multi_turn": sum(bool(r.history) for r in kept),
+                          "answers": sum(len(r.answers) for r in kept)},
+        "answer_shapes": answer_shapes([a for r in kept for a in r.answers]),
+        "labels": {"vocabulary": str(vocabulary.path) if vocabulary is not None else None,
+                   "categories": len(categories), "tags": len({t for r in kept for t in r.tags})},
         "lengths": {
             "question_chars": length_stats([len(r.question) for r in kept]),
             "answer_chars": length_stats([len(r.answer) for r in kept]),
@@ -127,6 +161,14 @@ def format_summary(report: dict[str, Any], output_dir: Path | None = None) -> st
         if st:
             parts.append(f"{label} min {st['min']} mean {st['mean']} p50 {st['p50']} p95 {st['p95']} max {st['max']}")
     lines.append("lengths: " + "; ".join(parts))
+    shapes, conv = report.get("answer_shapes"), report.get("conversations")
+    if shapes and conv:
+        hist = ", ".join(f"{k} {v}" for k, v in shapes["histogram_chars"].items())
+        lines.append(
+            f"answers: {conv['answers']} ({conv['multi_turn']} multi-turn records); shapes: short <= "
+            f"{shapes['short_max_chars']} chars {shapes['short']}, middle {shapes['middle']}, long >= "
+            f"{shapes['long_min_chars']} chars {shapes['long']}; chars: {hist}"
+        )
     if output_dir is not None:
         files = [str(output_dir / f) for f in report["files"].values() if f] + [str(output_dir / REPORT_FILE)]
         if c["rejected"]:

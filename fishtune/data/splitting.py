@@ -8,8 +8,9 @@ from typing import Sequence
 
 from fishtune.data.records import Record
 from fishtune.errors import UserError
+from fishtune.project import DataFiles
 
-SPLITS = ("train", "valid", "test")
+SPLITS = DataFiles.SPLITS
 
 
 @dataclass
@@ -103,21 +104,62 @@ def _apportion(
     return out
 
 
+def _final_key(r: Record) -> str:
+    """The key of the question a record is trained and evaluated on (its last user turn)."""
+    return r.turn_keys[-1] if r.turn_keys else r.question_key
+
+
+def conversation_groups(records: Sequence[Record]) -> list[list[Record]]:
+    """Records linked by a question, in source order: each group goes to one split whole.
+
+    A record is linked to every conversation that asks its (last) question as
+    one of its turns: every assistant turn is trained on, so a conversation
+    in train would otherwise teach the answer to a test record. Turns that
+    are nobody's last question (a shared greeting) link nothing. Most groups
+    hold one record.
+    """
+    parent = list(range(len(records)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    owner: dict[str, int] = {}
+    for i, r in enumerate(records):
+        owner.setdefault(_final_key(r), i)
+    for i, r in enumerate(records):
+        for key in r.turn_keys or (r.question_key,):
+            j = owner.get(key)
+            if j is not None:
+                parent[root(i)] = root(j)
+    groups: dict[int, list[Record]] = {}
+    for i, r in enumerate(records):
+        groups.setdefault(root(i), []).append(r)
+    return sorted(groups.values(), key=lambda g: g[0].number)
+
+
 def split_records(
     records: Sequence[Record], train_ratio: float, valid_ratio: float, test_ratio: float, seed: int
 ) -> dict[str, list[Record]]:
-    """Seeded split, stratified by category; each split is returned in source order."""
+    """Seeded split, stratified by category, of whole conversation groups; each split in source order.
+
+    The sizes count groups (one record each, unless records share a user
+    turn), stratified by the category of a group's first record.
+    """
     check_ratios(train_ratio, valid_ratio, test_ratio)
-    _, n_valid, n_test = split_sizes(len(records), valid_ratio, test_ratio)
-    groups: dict[str, list[Record]] = {}
-    for r in records:
-        groups.setdefault(r.category, []).append(r)
-    cats = sorted(groups)
-    sizes = {c: len(groups[c]) for c in cats}
+    units = conversation_groups(records)
+    _, n_valid, n_test = split_sizes(len(units), valid_ratio, test_ratio)
+    by_cat: dict[str, list[list[Record]]] = {}
+    for g in units:
+        by_cat.setdefault(g[0].category, []).append(g)
+    cats = sorted(by_cat)
+    sizes = {c: len(by_cat[c]) for c in cats}
     rng = random.Random(seed)
     shuffled = {}
     for c in cats:  # sorted order + one RNG: the same seed gives the same split
-        g = list(groups[c])
+        g = list(by_cat[c])
         rng.shuffle(g)
         shuffled[c] = g
     tiebreak = {c: rng.random() for c in cats}
@@ -126,9 +168,8 @@ def split_records(
     out: dict[str, list[Record]] = {s: [] for s in SPLITS}
     for c in cats:
         g = shuffled[c]
-        out["valid"].extend(g[: v[c]])
-        out["test"].extend(g[v[c] : v[c] + t[c]])
-        out["train"].extend(g[v[c] + t[c] :])
+        for split, part in (("valid", g[: v[c]]), ("test", g[v[c] : v[c] + t[c]]), ("train", g[v[c] + t[c] :])):
+            out[split].extend(r for unit in part for r in unit)
     for s in SPLITS:
         out[s].sort(key=lambda r: r.number)
     _assert_no_leak(out)
@@ -137,10 +178,13 @@ def split_records(
 
 def _assert_no_leak(splits: dict[str, list[Record]]) -> None:
     # Dedup already guarantees this; a leak would silently inflate eval scores.
-    seen: dict[str, str] = {}
+    asked: dict[str, set[str]] = {}
     for s in SPLITS:
         for r in splits[s]:
-            other = seen.setdefault(r.question_key, s)
-            assert other == s, f"question {r.question!r} is in both {other} and {s}"
+            for key in r.turn_keys or (r.question_key,):
+                asked.setdefault(key, set()).add(s)
+    for s in SPLITS:
+        for r in splits[s]:
+            assert asked[_final_key(r)] == {s}, f"question {r.question!r} is asked in {sorted(asked[_final_key(r)])}"
     ids = [r.id for s in SPLITS for r in splits[s]]
     assert len(ids) == len(set(ids)), "duplicate ids across splits"

@@ -9,10 +9,11 @@ Llama family are simple enough to write directly:
   the tokenizer (``gpt2`` byte-level BPE, every id with its token type,
   merges, bos/eos/pad ids) and the project's chat template;
 * tensors: HF names mapped with ``gguf``'s own tensor-name map; 1-D tensors
-  (norms, biases) always F32, matrices in the chosen type; Llama's q/k
-  weights permuted to llama.cpp's rope layout (Qwen2 uses NeoX rope = HF
-  layout, so no permute); tied embeddings are not duplicated (llama.cpp
-  reuses ``token_embd`` when ``output.weight`` is absent).
+  (norms, biases) always F32, matrices in the chosen type; the tensors the
+  family's registry class names (Llama's q/k, see
+  :mod:`fishtune.export.architectures`) permuted to llama.cpp's rope layout;
+  tied embeddings are not duplicated (llama.cpp reuses ``token_embd`` when
+  ``output.weight`` is absent).
 
 Tensors are streamed: all tensor infos are computed from the safetensors
 headers first, then each tensor is read, converted and written on its own,
@@ -24,30 +25,20 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fishtune.project import ProjectMeta
 from fishtune.errors import UserError
-from fishtune.fileio import read_json_object
-from fishtune.export.quantize import OUTTYPES  # noqa: F401  (re-exported)
+from fishtune.export.architectures import Architecture, for_hf_config, permute_rope
+from fishtune.export.gguf_types import WRITER_TYPES
+from fishtune.fileio import atomic_path, read_json_object
+from fishtune.project import ExportFiles, ProjectMeta
 from fishtune.template import PromptTemplate
 
 logger = logging.getLogger(__name__)
-
-PROJECT_META_FILE = "fishtune.json"
-
-# HF class -> (gguf arch name, tokenizer pre-type used by llama.cpp)
-SUPPORTED_ARCHITECTURES: dict[str, tuple[str, str]] = {
-    "Qwen2ForCausalLM": ("qwen2", "qwen2"),
-    "LlamaForCausalLM": ("llama", "llama-bpe"),
-}
-
-# Output types our writer produces itself (no llama.cpp needed).
-WRITER_TYPES = ("F32", "F16", "BF16", "Q8_0")
 
 
 @dataclass
@@ -60,7 +51,7 @@ class TensorPlan:
     qtype: Any  # gguf.GGMLQuantizationType
     nbytes: int
     file: Path
-    transform: str = ""  # "", "permute_q", "permute_k"
+    rope_heads: int | None = None  # permuted to llama.cpp's rope layout by this many heads (Llama q/k)
 
 
 @dataclass
@@ -69,13 +60,15 @@ class HFModel:
 
     path: Path
     config: dict[str, Any]
-    hf_class: str
-    arch: str
-    tokenizer_pre: str
+    architecture: Architecture
     tensor_files: dict[str, Path]  # hf tensor name -> safetensors file
     tokenizer_json: dict[str, Any]
     tokenizer_config: dict[str, Any]
-    generation_config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def arch(self) -> str:
+        """The GGUF architecture name (``general.architecture``, the key prefix)."""
+        return self.architecture.gguf_arch
 
     # ---- hyper-parameters ---------------------------------------------------
     def hp(self, *keys: str, default: Any = None, required: bool = True) -> Any:
@@ -83,7 +76,7 @@ class HFModel:
             if self.config.get(k) is not None:
                 return self.config[k]
         if required and default is None:
-            raise UserError(f"{self.path / 'config.json'}: missing {keys[0]!r}; the HF export is incomplete")
+            raise UserError(f"{self.path / ExportFiles.CONFIG}: missing {keys[0]!r}; the HF export is incomplete")
         return default
 
     @property
@@ -141,6 +134,26 @@ def _safetensors_header(path: Path) -> dict[str, Any]:
     return header
 
 
+def _tensor_files(path: Path) -> dict[str, Path]:
+    """HF tensor name -> safetensors file: a single file, or shards listed in the index."""
+    index = path / ExportFiles.WEIGHTS_INDEX
+    single = path / ExportFiles.WEIGHTS
+    if index.is_file():
+        weight_map = _read_json(index, "shard index").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise UserError(f"{index}: missing 'weight_map'; re-run convert_to_huggingface.py")
+        files: dict[str, Path] = {}
+        for name, fname in weight_map.items():
+            f = path / fname
+            if not f.is_file():
+                raise UserError(f"{f} is missing (listed in {index.name} for {name}); the HF export is incomplete")
+            files[name] = f
+        return files
+    if single.is_file():
+        return {name: single for name in _safetensors_header(single)}
+    raise UserError(f"{single} is missing (and no {index.name}); {path} holds no safetensors weights")
+
+
 def read_hf_model(hf_dir: str | os.PathLike) -> HFModel:
     """Validate an HF folder; every problem is a UserError naming the file."""
     path = Path(hf_dir)
@@ -148,73 +161,16 @@ def read_hf_model(hf_dir: str | os.PathLike) -> HFModel:
         raise UserError(
             f"HF model folder {path} does not exist; run convert_to_huggingface.py first or pass --hf-model-dir"
         )
-    config = _read_json(path / "config.json", "model config")
-    classes = config.get("architectures") or []
-    if not classes:
-        mt = config.get("model_type")
-        classes = {"qwen2": ["Qwen2ForCausalLM"], "llama": ["LlamaForCausalLM"]}.get(mt, [f"model_type={mt}"])
-    hf_class = classes[0]
-    if hf_class not in SUPPORTED_ARCHITECTURES:
-        raise UserError(
-            f"{path / 'config.json'}: architecture {hf_class!r} is not supported; "
-            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
-    arch, pre = SUPPORTED_ARCHITECTURES[hf_class]
+    config = _read_json(path / ExportFiles.CONFIG, "model config")
+    architecture = for_hf_config(config, str(path / ExportFiles.CONFIG))
     rope_scaling = config.get("rope_scaling") or {}
     rope_type = (rope_scaling.get("rope_type") or rope_scaling.get("type")) if isinstance(rope_scaling, dict) else None
     if rope_type not in (None, "default"):
-        raise UserError(f"{path / 'config.json'}: rope_scaling type {rope_type!r} is not supported; only plain rope")
-
-    # Tensor -> file map: single file or sharded with an index.
-    index = path / "model.safetensors.index.json"
-    single = path / "model.safetensors"
-    tensor_files: dict[str, Path] = {}
-    if index.is_file():
-        weight_map = _read_json(index, "shard index").get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise UserError(f"{index}: missing 'weight_map'; re-run convert_to_huggingface.py")
-        for name, fname in weight_map.items():
-            f = path / fname
-            if not f.is_file():
-                raise UserError(f"{f} is missing (listed in {index.name} for {name}); the HF export is incomplete")
-            tensor_files[name] = f
-    elif single.is_file():
-        for name in _safetensors_header(single):
-            tensor_files[name] = single
-    else:
-        raise UserError(
-            f"{single} is missing (and no model.safetensors.index.json); {path} holds no safetensors weights"
-        )
-
-    tok = _read_json(path / "tokenizer.json", "tokenizer")
-    tok_cfg = _read_json(path / "tokenizer_config.json", "tokenizer config")
-    gen_path = path / "generation_config.json"
-    gen = _read_json(gen_path, "generation config") if gen_path.is_file() else {}
-    return HFModel(path, config, hf_class, arch, pre, tensor_files, tok, tok_cfg, gen)
-
-
-def load_project_meta(
-    hf_dir: str | os.PathLike, template: str | None = None, system_prompt: str | None = None,
-    base_model: str | None = None,
-) -> ProjectMeta:
-    """``fishtune.json`` written by the HF export, with CLI overrides on top."""
-    path = Path(hf_dir) / PROJECT_META_FILE
-    found = path.is_file()
-    meta = ProjectMeta.from_dict(_read_json(path, "project metadata")) if found else ProjectMeta()
-    if template is not None:
-        meta = ProjectMeta(template=template, system_prompt=meta.system_prompt, base_model=meta.base_model, extra=meta.extra)
-    if system_prompt is not None:
-        meta.system_prompt = system_prompt
-    if base_model is not None:
-        meta.base_model = base_model
-    if found:
-        logger.info("project metadata from %s: template %s, base model %s", path, meta.template, meta.base_model)
-    else:
-        logger.info(
-            "%s not found; using template %r, %s system prompt and base model %s (--template/--system-prompt/--base-model override)",
-            path, meta.template, "the given" if system_prompt is not None else "the default", meta.base_model,
-        )
-    return meta
+        raise UserError(f"{path / ExportFiles.CONFIG}: rope_scaling type {rope_type!r} is not supported; only plain rope")
+    tensor_files = _tensor_files(path)
+    tok = _read_json(path / ExportFiles.TOKENIZER, "tokenizer")
+    tok_cfg = _read_json(path / ExportFiles.TOKENIZER_CONFIG, "tokenizer config")
+    return HFModel(path, config, architecture, tensor_files, tok, tok_cfg)
 
 
 # ---- tokenizer -----------------------------------------------------------------
@@ -249,7 +205,7 @@ def _adds_bos(tok: dict[str, Any], tok_cfg: dict[str, Any]) -> bool:
 def read_vocab(model: HFModel) -> Vocab:
     """Every id 0..vocab_size-1 with its type, like llama.cpp's converter."""
     tok = model.tokenizer_json
-    path = model.path / "tokenizer.json"
+    path = model.path / ExportFiles.TOKENIZER
     bpe = tok.get("model") or {}
     if bpe.get("type") != "BPE" or not isinstance(bpe.get("vocab"), dict):
         raise UserError(f"{path}: tokenizer model {bpe.get('type')!r} is not supported; only byte-level BPE")
@@ -302,7 +258,7 @@ def special_token_ids(model: HFModel, vocab: Vocab, template: PromptTemplate) ->
     eos = vocab.token_to_id.get(template.end_token)
     if eos is None:
         raise UserError(
-            f"{model.path / 'tokenizer.json'}: template {template.name!r} ends answers with {template.end_token!r}, "
+            f"{model.path / ExportFiles.TOKENIZER}: template {template.name!r} ends answers with {template.end_token!r}, "
             "which the tokenizer lacks; pick another --template"
         )
     cfg, tc = model.config, model.tokenizer_config
@@ -325,14 +281,54 @@ def _qtype(name: str):
     return gguf.GGMLQuantizationType[name]
 
 
+def _plan_one(model: HFModel, hf_name: str, shape: tuple[int, ...], file: Path, gguf_name: str,
+              out_type: str) -> TensorPlan:
+    import gguf
+
+    if len(shape) <= 1:
+        qt = _qtype("F32")  # norms and biases stay F32 (llama.cpp's converter does the same)
+    else:
+        qt = _qtype(out_type)
+        if out_type == "Q8_0" and shape[-1] % gguf.GGML_QUANT_SIZES[qt][0] != 0:
+            qt = _qtype("F16")  # row not a multiple of 32: same fallback as llama.cpp's converter
+    block, type_size = gguf.GGML_QUANT_SIZES[qt]
+    n = int(np.prod(shape)) if shape else 1
+    return TensorPlan(hf_name, gguf_name, shape, qt, n // block * type_size, file,
+                      model.architecture.rope_heads(hf_name, model))
+
+
+def _gguf_order(p: TensorPlan) -> tuple:
+    """llama.cpp's converter order: token_embd first, then the blocks, output last.
+
+    Any order loads, but a stable one keeps files reproducible.
+    """
+    m = re.match(r"blk\.(\d+)\.(.*)", p.gguf_name)
+    if p.gguf_name.startswith("token_embd"):
+        return (0, 0, p.gguf_name)
+    if m:
+        return (1, int(m.group(1)), m.group(2))
+    return (2, 0, p.gguf_name)
+
+
+def _check_complete(model: HFModel, plans: list[TensorPlan]) -> None:
+    names = {p.gguf_name for p in plans}
+    if "token_embd.weight" not in names:
+        raise UserError(f"{model.path}: no model.embed_tokens.weight tensor; the HF export is incomplete")
+    if "output.weight" not in names and not model.tied:
+        raise UserError(f"{model.path}: lm_head.weight is missing and tie_word_embeddings is false")
+    expected = model.n_layers
+    blocks = {int(m.group(1)) for p in plans if (m := re.match(r"blk\.(\d+)\.", p.gguf_name))}
+    if blocks != set(range(expected)):
+        raise UserError(f"{model.path}: found layers {sorted(blocks)[:5]}... but config.json says {expected}")
+
+
 def plan_tensors(model: HFModel, out_type: str) -> list[TensorPlan]:
     """Every GGUF tensor with its final shape, type and byte size (no data read)."""
     import gguf
 
     if out_type not in WRITER_TYPES:
         raise ValueError(out_type)
-    arch_enum = {"qwen2": gguf.MODEL_ARCH.QWEN2, "llama": gguf.MODEL_ARCH.LLAMA}[model.arch]
-    name_map = gguf.get_tensor_name_map(arch_enum, model.n_layers)
+    name_map = gguf.get_tensor_name_map(model.architecture.model_arch(), model.n_layers)
     headers: dict[Path, dict[str, Any]] = {}
     plans: list[TensorPlan] = []
     for hf_name, f in model.tensor_files.items():
@@ -349,65 +345,19 @@ def plan_tensors(model: HFModel, out_type: str) -> list[TensorPlan]:
         if info is None:
             raise UserError(f"{f}: tensor {hf_name!r} (listed in the index) is not in the file")
         shape = tuple(int(x) for x in info["shape"])
-        if len(shape) <= 1:
-            qt = _qtype("F32")  # norms and biases stay F32 (llama.cpp's converter does the same)
-        else:
-            qt = _qtype(out_type)
-            if out_type == "Q8_0" and shape[-1] % gguf.GGML_QUANT_SIZES[qt][0] != 0:
-                qt = _qtype("F16")  # row not a multiple of 32: same fallback as llama.cpp's converter
-        block, type_size = gguf.GGML_QUANT_SIZES[qt]
-        n = int(np.prod(shape)) if shape else 1
-        nbytes = n // block * type_size
-        transform = ""
-        if model.arch == "llama" and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-            transform = "permute_q"
-        elif model.arch == "llama" and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-            transform = "permute_k"
-        plans.append(TensorPlan(hf_name, gguf_name, shape, qt, nbytes, f, transform))
-    names = {p.gguf_name for p in plans}
-    if "token_embd.weight" not in names:
-        raise UserError(f"{model.path}: no model.embed_tokens.weight tensor; the HF export is incomplete")
-    if "output.weight" not in names and not model.tied:
-        raise UserError(f"{model.path}: lm_head.weight is missing and tie_word_embeddings is false")
-    expected = model.n_layers
-    blocks = {int(m.group(1)) for p in plans if (m := re.match(r"blk\.(\d+)\.", p.gguf_name))}
-    if blocks != set(range(expected)):
-        raise UserError(f"{model.path}: found layers {sorted(blocks)[:5]}... but config.json says {expected}")
-    # llama.cpp's converter order: token_embd first, then blocks, output last. Any order loads,
-    # but a stable one keeps files reproducible.
-    def order(p: TensorPlan) -> tuple:
-        m = re.match(r"blk\.(\d+)\.(.*)", p.gguf_name)
-        if p.gguf_name.startswith("token_embd"):
-            return (0, 0, p.gguf_name)
-        if m:
-            return (1, int(m.group(1)), m.group(2))
-        return (2, 0, p.gguf_name)
-
-    return sorted(plans, key=order)
-
-
-def permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
-    """HF (rotate-half) -> llama.cpp's interleaved rope layout for LLaMA q/k rows."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def inverse_permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo ``permute_rope`` (llama.cpp layout -> HF)."""
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+        plans.append(_plan_one(model, hf_name, shape, f, gguf_name, out_type))
+    _check_complete(model, plans)
+    return sorted(plans, key=_gguf_order)
 
 
 def load_tensor(model: HFModel, plan: TensorPlan) -> np.ndarray:
-    """Read one tensor as float32 numpy (bf16 and f16 are widened)."""
+    """Read one tensor as float32 numpy (bf16 and f16 are widened), in the GGUF layout."""
     from safetensors import safe_open
 
     with safe_open(str(plan.file), framework="pt") as f:
         t = f.get_tensor(plan.hf_name)
     arr = t.float().numpy()
-    if plan.transform == "permute_q":
-        arr = permute_rope(arr, model.n_head)
-    elif plan.transform == "permute_k":
-        arr = permute_rope(arr, model.n_head_kv)
-    return arr
+    return permute_rope(arr, plan.rope_heads) if plan.rope_heads else arr
 
 
 def convert_tensor(arr: np.ndarray, qtype) -> np.ndarray:
@@ -434,39 +384,40 @@ def file_type_for(out_type: str) -> int:
     }[out_type]
 
 
+def _short_name(base_model: str) -> str:
+    return base_model.rstrip("/").split("/")[-1]
+
+
 def model_name(base_model: str, meta: ProjectMeta) -> str:
     """general.name: the base model's short name plus the fine-tune."""
-    short = base_model.rstrip("/").split("/")[-1] or "model"
+    short = _short_name(base_model) or "model"
     adapter = meta.extra.get("adapter_path") or meta.extra.get("adapter")
     suffix = f" ({Path(str(adapter)).name})" if adapter else ""
     return f"{short} fish-care{suffix}"
 
 
-def build_metadata(model: HFModel, meta: ProjectMeta, out_type: str) -> list[tuple[str, str, Any]]:
-    """(key, kind, value) triples; kind names the GGUFWriter add_* method."""
-    import gguf
-
-    template = meta.prompt_template
-    vocab = read_vocab(model)
-    ids = special_token_ids(model, vocab, template)
-    arch = model.arch
+def _general_metadata(meta: ProjectMeta, out_type: str) -> list[tuple[str, str, Any]]:
     base = meta.base_model
     kv: list[tuple[str, str, Any]] = [
         ("general.type", "string", "model"),
         ("general.name", "string", model_name(base, meta)),
-        ("general.basename", "string", base.rstrip("/").split("/")[-1]),
+        ("general.basename", "string", _short_name(base)),
         ("general.finetune", "string", "fish-care"),
         ("general.base_model.count", "uint32", 1),
-        ("general.base_model.0.name", "string", base.rstrip("/").split("/")[-1]),
+        ("general.base_model.0.name", "string", _short_name(base)),
     ]
     if "/" in base and not os.path.exists(base):
-        org = base.split("/")[0]
         kv += [
-            ("general.base_model.0.organization", "string", org),
+            ("general.base_model.0.organization", "string", base.split("/")[0]),
             ("general.base_model.0.repo_url", "string", f"https://huggingface.co/{base}"),
         ]
-    kv += [
-        ("general.file_type", "uint32", int(file_type_for(out_type))),
+    kv.append(("general.file_type", "uint32", int(file_type_for(out_type))))
+    return kv
+
+
+def _hyper_parameters(model: HFModel, n_vocab: int) -> list[tuple[str, str, Any]]:
+    arch = model.arch
+    kv: list[tuple[str, str, Any]] = [
         (f"{arch}.block_count", "uint32", model.n_layers),
         (f"{arch}.context_length", "uint32", int(model.hp("max_position_embeddings"))),
         (f"{arch}.embedding_length", "uint32", model.hidden),
@@ -479,14 +430,14 @@ def build_metadata(model: HFModel, meta: ProjectMeta, out_type: str) -> list[tup
     if model.config.get("head_dim") and model.head_dim != model.hidden // model.n_head:
         kv += [(f"{arch}.attention.key_length", "uint32", model.head_dim),
                (f"{arch}.attention.value_length", "uint32", model.head_dim)]
-    if arch == "llama":
-        kv += [(f"{arch}.vocab_size", "uint32", len(vocab.tokens)),
-               (f"{arch}.rope.dimension_count", "uint32", model.head_dim)]
-    if out_type == "Q8_0":
-        kv.append(("general.quantization_version", "uint32", gguf.GGML_QUANT_VERSION))
-    kv += [
+    return kv + model.architecture.extra_metadata(model, n_vocab)
+
+
+def _tokenizer_metadata(model: HFModel, vocab: Vocab, template: PromptTemplate) -> list[tuple[str, str, Any]]:
+    ids = special_token_ids(model, vocab, template)
+    return [
         ("tokenizer.ggml.model", "string", "gpt2"),
-        ("tokenizer.ggml.pre", "string", model.tokenizer_pre),
+        ("tokenizer.ggml.pre", "string", model.architecture.tokenizer_pre),
         ("tokenizer.ggml.tokens", "array", vocab.tokens),
         ("tokenizer.ggml.token_type", "array", vocab.toktypes),
         ("tokenizer.ggml.merges", "array", vocab.merges),
@@ -497,7 +448,17 @@ def build_metadata(model: HFModel, meta: ProjectMeta, out_type: str) -> list[tup
         ("tokenizer.ggml.add_eos_token", "bool", False),
         ("tokenizer.chat_template", "string", template.jinja_chat_template()),
     ]
-    return kv
+
+
+def build_metadata(model: HFModel, meta: ProjectMeta, out_type: str) -> list[tuple[str, str, Any]]:
+    """(key, kind, value) triples; kind names the GGUFWriter add_* method."""
+    import gguf
+
+    vocab = read_vocab(model)
+    kv = _general_metadata(meta, out_type) + _hyper_parameters(model, len(vocab.tokens))
+    if out_type == "Q8_0":
+        kv.append(("general.quantization_version", "uint32", gguf.GGML_QUANT_VERSION))
+    return kv + _tokenizer_metadata(model, vocab, meta.prompt_template)
 
 
 # ---- writing -------------------------------------------------------------------
@@ -537,6 +498,21 @@ def describe(model: HFModel, meta: ProjectMeta, out_type: str) -> str:
     return "\n".join(lines)
 
 
+def _write_tensors(writer: Any, model: HFModel, plans: list[TensorPlan], label: str, progress: bool) -> None:
+    """Stream every tensor: read, convert, write, one at a time."""
+    from tqdm import tqdm
+
+    total = sum(p.nbytes for p in plans)
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {label}", disable=not progress) as bar:
+        for p in plans:
+            data = convert_tensor(load_tensor(model, p), p.qtype)
+            if data.nbytes != p.nbytes:
+                raise RuntimeError(f"{p.hf_name}: {data.nbytes} bytes, planned {p.nbytes}")
+            writer.write_tensor_data(data)
+            bar.update(p.nbytes)
+            del data
+
+
 def write_gguf(
     model: HFModel,
     meta: ProjectMeta,
@@ -544,135 +520,36 @@ def write_gguf(
     out_type: str = "F16",
     progress: bool = True,
 ) -> WriteResult:
-    """Write ``out_path`` atomically (temp file + rename), one tensor at a time."""
+    """Write ``out_path`` atomically (a temp file renamed into place), one tensor at a time."""
     import gguf
-    from tqdm import tqdm
 
     out_path = Path(out_path)
     out_type = out_type.upper()
     kv = build_metadata(model, meta, out_type)
     plans = plan_tensors(model, out_type)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    writer = gguf.GGUFWriter(tmp, arch=model.arch)
-    try:
-        for key, kind, value in kv:
-            if kind == "array" and key == "tokenizer.ggml.token_type":
-                writer.add_key_value(key, [int(x) for x in value], gguf.GGUFValueType.ARRAY)
-            else:
-                getattr(writer, f"add_{kind}")(key, value)
-        for p in plans:
-            writer.add_tensor_info(p.gguf_name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
-        writer.write_header_to_file(tmp)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        total = sum(p.nbytes for p in plans)
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {out_path.name}", disable=not progress) as bar:
+    with atomic_path(out_path) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch=model.arch)
+        try:
+            for key, kind, value in kv:
+                if kind == "array" and key == "tokenizer.ggml.token_type":
+                    writer.add_key_value(key, [int(x) for x in value], gguf.GGUFValueType.ARRAY)
+                else:
+                    getattr(writer, f"add_{kind}")(key, value)
             for p in plans:
-                data = convert_tensor(load_tensor(model, p), p.qtype)
-                if data.nbytes != p.nbytes:
-                    raise RuntimeError(f"{p.hf_name}: {data.nbytes} bytes, planned {p.nbytes}")
-                writer.write_tensor_data(data)
-                bar.update(p.nbytes)
-                del data
-        writer.close()
-        os.replace(tmp, out_path)
-    except BaseException:
-        writer.close()
-        if tmp.exists():
-            tmp.unlink()
-        raise
+                writer.add_tensor_info(p.gguf_name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
+            writer.write_header_to_file(tmp)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            _write_tensors(writer, model, plans, out_path.name, progress)
+        finally:
+            writer.close()
     counts: dict[str, int] = {}
     for p in plans:
         counts[p.qtype.name] = counts.get(p.qtype.name, 0) + 1
-    logger.debug("wrote %s (%s, %d tensors, %.2f MB)", out_path, out_type, len(plans), out_path.stat().st_size / 1e6)
-    return WriteResult(out_path, out_type, len(plans), out_path.stat().st_size, counts)
+    size = out_path.stat().st_size
+    logger.debug("wrote %s (%s, %d tensors, %.2f MB)", out_path, out_type, len(plans), size / 1e6)
+    return WriteResult(out_path, out_type, len(plans), size, counts)
 
 
-@dataclass
-class TensorInfo:
-    name: str
-    shape: tuple[int, ...]  # ggml order: shape[0] is the row length
-    type_name: str
-    offset: int  # absolute file offset of the data
-
-
-def read_gguf_header(
-    path: str | os.PathLike, arrays: tuple[str, ...] = ()
-) -> tuple[dict[str, Any], list[TensorInfo]]:
-    """Metadata and tensor infos of a GGUF file, fast.
-
-    ``gguf.GGUFReader`` builds a numpy view per token and merge (~300k for
-    Qwen2), which takes seconds; this walks the header once with ``struct``.
-    Arrays named in ``arrays`` are decoded to lists; others come back as
-    ``("array", element_type, count)``.
-    """
-    import struct
-
-    import gguf
-
-    sizes = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-    with open(path, "rb") as f:
-        data = f.read(64)
-        if data[:4] != b"GGUF":
-            raise UserError(f"{path} is not a GGUF file")
-        f.seek(0)
-        import mmap
-
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    try:
-        pos = 4
-
-        def unpack(fmt: str):
-            nonlocal pos
-            v = struct.unpack_from("<" + fmt, mm, pos)[0]
-            pos += struct.calcsize(fmt)
-            return v
-
-        def string() -> str:
-            nonlocal pos
-            n = unpack("Q")
-            s = bytes(mm[pos : pos + n]).decode("utf-8", errors="replace")
-            pos += n
-            return s
-
-        def value(vt: int, decode: bool = False):
-            nonlocal pos
-            if vt == 8:
-                return string()
-            if vt == 9:
-                et, n = unpack("I"), unpack("Q")
-                if decode:
-                    return [value(et) for _ in range(n)]
-                if et == 8:
-                    for _ in range(n):
-                        pos += 8 + struct.unpack_from("<Q", mm, pos)[0]
-                else:
-                    pos += n * struct.calcsize(sizes[et])
-                return ("array", et, n)
-            return unpack(sizes[vt])
-
-        _version, n_tensors, n_kv = unpack("I"), unpack("Q"), unpack("Q")
-        kv: dict[str, Any] = {}
-        for _ in range(n_kv):
-            key = string()
-            kv[key] = value(unpack("I"), key in arrays)
-        raw = []
-        for _ in range(n_tensors):
-            name = string()
-            shape = tuple(unpack("Q") for _ in range(unpack("I")))
-            raw.append((name, shape, unpack("I"), unpack("Q")))
-        align = int(kv.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT))
-        start = (pos + align - 1) // align * align
-    finally:
-        mm.close()
-    infos = [TensorInfo(n, sh, gguf.GGMLQuantizationType(t).name, start + off) for n, sh, t, off in raw]
-    return kv, infos
-
-
-def tensor_type_counts(gguf_path: str | os.PathLike) -> dict[str, int]:
-    """How many tensors of each ggml type a GGUF file holds."""
-    counts: dict[str, int] = {}
-    for t in read_gguf_header(gguf_path)[1]:
-        counts[t.type_name] = counts.get(t.type_name, 0) + 1
-    return counts
+__all__ = ["HFModel", "TensorPlan", "Vocab", "WriteResult", "read_hf_model", "read_vocab", "special_token_ids",
+           "plan_tensors", "load_tensor", "convert_tensor", "build_metadata", "describe", "write_gguf"]

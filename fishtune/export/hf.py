@@ -3,39 +3,40 @@
 Why our own exporter: MLX-LM's ``fuse`` writes MLX-flavoured files and no PEFT
 adapter; fusing into a quantized base silently drops the adapter
 (mlx-lm#1172). We dequantize, fuse with MLX's own ``fuse()`` math, write a
-standard ``Qwen2ForCausalLM`` folder plus ``peft_adapter/``, and then *prove*
+standard ``Qwen2ForCausalLM`` (or ``LlamaForCausalLM``) folder plus
+``peft_adapter/`` (:mod:`fishtune.export.peft_adapter`), and then *prove*
 both equal MLX base+adapter: next-token logits and 32 greedy tokens.
 
-DoRA in both libraries (eval mode, no dropout)::
-
-    y = m / ||W + s·BA||_row · (W + s·BA) x + b          s = scale = alpha / r
-
-MLX stores ``lora_a`` (in, r), ``lora_b`` (r, out), ``m`` (out,); PEFT wants
-``lora_A.weight`` (r, in) = lora_a.T, ``lora_B.weight`` (out, r) = lora_b.T and
-``lora_magnitude_vector`` (out,) = m.
+Light at import (no numpy, torch or mlx), so ``--help`` stays cheap.
 """
 from __future__ import annotations
 
-import json
 import logging
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from fishtune.project import AdapterFiles, ProjectMeta, read_adapter_config, read_project_meta
 from fishtune.errors import UserError
-from fishtune.fileio import atomic_write_json, ensure_can_write, replace_dir
+from fishtune.export.architectures import Architecture, by_model_type
+from fishtune.fileio import (
+    atomic_dir,
+    atomic_write_json,
+    ensure_can_write,
+    read_json_object,
+)
+from fishtune.project import (
+    ExportFiles,
+    ProjectMeta,
+    read_adapter_config,
+    read_project_meta,
+)
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
 TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
+    ExportFiles.TOKENIZER,
+    ExportFiles.TOKENIZER_CONFIG,
     "vocab.json",
     "merges.txt",
     "special_tokens_map.json",
@@ -47,8 +48,6 @@ DTYPES = ("float32", "float16", "bfloat16")
 # half precision rounds every fused weight, so the bound is looser (stated).
 TOLERANCE = {"float32": 1e-4, "float16": 5e-2, "bfloat16": 2.5e-1}
 GREEDY_TOKENS = 32
-PROJECT_META_FILE = "fishtune.json"
-PEFT_SUBDIR = "peft_adapter"
 
 VERIFY_QUESTIONS = (
     "孔雀鱼多久换一次水？",
@@ -66,12 +65,6 @@ class ExportResult:
     passed: bool = True
 
 
-def _torch_dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
-
-
 def _base_dtype(config: dict[str, Any], weights: dict[str, Any]) -> str:
     name = config.get("torch_dtype") or config.get("dtype")
     if name in DTYPES:
@@ -83,15 +76,11 @@ def _base_dtype(config: dict[str, Any], weights: dict[str, Any]) -> str:
     return "float32"
 
 
-def _check_architecture(base_path: Path) -> dict[str, Any]:
-    base_config = json.loads((base_path / "config.json").read_text(encoding="utf-8"))
-    model_type = base_config.get("model_type")
-    if model_type not in SUPPORTED_ARCHITECTURES:
-        raise UserError(
-            f"unknown architecture {model_type!r} in {base_path / 'config.json'}; "
-            f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
-        )
-    return base_config
+def _read_base_config(base_path: Path) -> tuple[dict[str, Any], Architecture]:
+    """The base's ``config.json`` and its family; another family is refused by name."""
+    path = base_path / ExportFiles.CONFIG
+    config = read_json_object(path, "point --model-name at a Hugging Face model folder")
+    return config, by_model_type(config.get("model_type"), str(path))
 
 
 def _fuse_in_place(model) -> None:
@@ -110,25 +99,31 @@ def _flat_weights(model) -> dict[str, Any]:
     return dict(tree_flatten(model.parameters()))
 
 
-def _check_finite(weights: dict[str, np.ndarray]) -> None:
+def _check_finite(weights: dict[str, Any]) -> None:
+    import numpy as np
+
     for name, w in weights.items():
         if not np.isfinite(w).all():
             bad = int((~np.isfinite(w)).sum())
             raise UserError(f"fused weight {name} has {bad} non-finite values; the adapter or base is corrupt")
 
 
-def _to_numpy(weights: dict[str, Any]) -> dict[str, np.ndarray]:
+def _to_numpy(weights: dict[str, Any]) -> dict[str, Any]:
     import mlx.core as mx
+    import numpy as np
 
     return {k: np.array(v.astype(mx.float32)) for k, v in weights.items()}
 
 
-def _save_safetensors(weights: dict[str, np.ndarray], out_dir: Path, dtype: str, max_shard_bytes: int) -> list[str]:
+# ---- writing the folder ----------------------------------------------------------
+
+
+def _save_safetensors(weights: dict[str, Any], out_dir: Path, dtype: str, max_shard_bytes: int) -> list[str]:
     """Write (sharded when large) model.safetensors in ``dtype``; returns file names."""
     import torch
     from safetensors.torch import save_file
 
-    tdtype = _torch_dtype(dtype)
+    tdtype = getattr(torch, dtype)
     itemsize = torch.tensor([], dtype=tdtype).element_size()
     shards: list[dict[str, Any]] = [{}]
     size = 0
@@ -141,24 +136,23 @@ def _save_safetensors(weights: dict[str, np.ndarray], out_dir: Path, dtype: str,
         size += nbytes
     meta = {"format": "pt"}
     if len(shards) == 1:
-        save_file(shards[0], str(out_dir / "model.safetensors"), metadata=meta)
-        return ["model.safetensors"]
+        save_file(shards[0], str(out_dir / ExportFiles.WEIGHTS), metadata=meta)
+        return [ExportFiles.WEIGHTS]
     names, weight_map, total = [], {}, 0
     for i, shard in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        fname = ExportFiles.shard(i, len(shards))
         save_file(shard, str(out_dir / fname), metadata=meta)
         names.append(fname)
         for k, t in shard.items():
             weight_map[k] = fname
             total += t.numel() * itemsize
-    atomic_write_json(out_dir / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    atomic_write_json(out_dir / ExportFiles.WEIGHTS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
     return names
 
 
-def _hf_config(base_config: dict[str, Any], dtype: str) -> dict[str, Any]:
+def _hf_config(base_config: dict[str, Any], arch: Architecture, dtype: str) -> dict[str, Any]:
     cfg = {k: v for k, v in base_config.items() if k not in ("quantization", "quantization_config")}
-    model_type = cfg.get("model_type")
-    cfg["architectures"] = [SUPPORTED_ARCHITECTURES[model_type]]
+    cfg["architectures"] = [arch.hf_class]
     cfg["torch_dtype"] = dtype
     cfg["dtype"] = dtype
     # transformers 5 writes only rope_parameters.rope_theta and MLX-LM then uses
@@ -176,11 +170,11 @@ def _write_tokenizer(base_path: Path, out_dir: Path, meta: ProjectMeta) -> None:
     for name in TOKENIZER_FILES:
         if (base_path / name).is_file():
             shutil.copyfile(base_path / name, out_dir / name)
-    if not (out_dir / "tokenizer.json").is_file() and not (out_dir / "vocab.json").is_file():
+    if not (out_dir / ExportFiles.TOKENIZER).is_file() and not (out_dir / "vocab.json").is_file():
         raise UserError(f"base model {base_path} has no tokenizer files (tokenizer.json or vocab.json)")
     jinja = meta.prompt_template.jinja_chat_template()
-    tok_cfg_path = out_dir / "tokenizer_config.json"
-    tok_cfg = json.loads(tok_cfg_path.read_text(encoding="utf-8")) if tok_cfg_path.is_file() else {}
+    tok_cfg_path = out_dir / ExportFiles.TOKENIZER_CONFIG
+    tok_cfg = read_json_object(tok_cfg_path, "fix the base model's tokenizer files") if tok_cfg_path.is_file() else {}
     tok_cfg["chat_template"] = jinja  # the template the adapter was trained with
     atomic_write_json(tok_cfg_path, tok_cfg)
     if (out_dir / "chat_template.jinja").is_file():
@@ -199,63 +193,47 @@ def _end_token_ids(tokenizer, meta: ProjectMeta, base_config: dict[str, Any]) ->
     return ids
 
 
-# ---- PEFT -------------------------------------------------------------------
-def _peft_tensors(adapter_weights: dict[str, np.ndarray], dora: bool) -> tuple[dict[str, np.ndarray], list[str], list[int]]:
-    """Rename MLX adapter tensors to PEFT's names (and transpose A/B)."""
-    out: dict[str, np.ndarray] = {}
-    targets: set[str] = set()
-    layers: set[int] = set()
-    for key, value in adapter_weights.items():
-        module, _, leaf = key.rpartition(".")
-        prefix = f"base_model.model.{module}"
-        if leaf == "lora_a":
-            out[f"{prefix}.lora_A.weight"] = value.T.copy()
-        elif leaf == "lora_b":
-            out[f"{prefix}.lora_B.weight"] = value.T.copy()
-        elif leaf == "m" and dora:
-            out[f"{prefix}.lora_magnitude_vector"] = value.copy()
-        else:
-            raise UserError(f"adapter tensor {key} is not a LoRA/DoRA tensor; only lora and dora adapters export to PEFT")
-        targets.add(module.rsplit(".", 1)[-1])
-        parts = module.split(".")
-        if "layers" in parts:
-            layers.add(int(parts[parts.index("layers") + 1]))
-    return out, sorted(targets), sorted(layers)
+@dataclass
+class _Export:
+    """Everything the folder is written from."""
+
+    adapter_path: Path
+    adapter_config: dict[str, Any]
+    meta: ProjectMeta
+    base_path: Path
+    base_config: dict[str, Any]
+    arch: Architecture
+    tokenizer: Any
+    dtype: str
+
+    @property
+    def fine_tune_type(self) -> str:
+        return self.adapter_config.get("fine_tune_type", "lora")
 
 
-def write_peft_adapter(adapter_path: Path, adapter_config: dict[str, Any], meta: ProjectMeta, out_dir: Path) -> Path:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` loadable by PeftModel."""
-    import mlx.core as mx
-    from peft import LoraConfig
-    from safetensors.numpy import save_file
+def _write_folder(job: _Export, weights: dict[str, Any], out_dir: Path, max_shard_gb: float) -> tuple[list[str], Path | None]:
+    """The fused folder and (for LoRA/DoRA) ``peft_adapter/`` in ``out_dir``: the weight files and the PEFT folder."""
+    from fishtune.export.peft_adapter import write_peft_adapter
 
-    fine_tune_type = adapter_config.get("fine_tune_type", "lora")
-    params = adapter_config.get("lora_parameters", {})
-    rank = int(params.get("rank", 8))
-    scale = float(params.get("scale", 20.0))
-    raw = {k: np.array(v.astype(mx.float32)) for k, v in mx.load(str(adapter_path / AdapterFiles.WEIGHTS)).items()}
-    tensors, targets, layers = _peft_tensors(raw, dora=fine_tune_type == "dora")
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=scale * rank,  # PEFT scaling = lora_alpha / r = MLX scale
-        lora_dropout=float(params.get("dropout", 0.0)),
-        target_modules=targets,
-        layers_to_transform=layers or None,
-        layers_pattern="layers" if layers else None,
-        use_dora=fine_tune_type == "dora",
-        bias="none",
-        task_type="CAUSAL_LM",
-        base_model_name_or_path=meta.base_model,
-    )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(str(out_dir))
-    save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
-    return out_dir
+    files = _save_safetensors(weights, out_dir, job.dtype, int(max_shard_gb * 2**30))
+    atomic_write_json(out_dir / ExportFiles.CONFIG, _hf_config(job.base_config, job.arch, job.dtype))
+    _write_tokenizer(job.base_path, out_dir, job.meta)
+    eos = _end_token_ids(job.tokenizer, job.meta, job.base_config)
+    gen = {"bos_token_id": job.base_config.get("bos_token_id"), "eos_token_id": eos,
+           "pad_token_id": eos[0] if eos else None}
+    atomic_write_json(out_dir / ExportFiles.GENERATION_CONFIG, gen)
+    atomic_write_json(out_dir / ExportFiles.META, {**job.meta.to_dict(), "adapter_path": str(job.adapter_path),
+                                                   "fine_tune_type": job.fine_tune_type})
+    if job.fine_tune_type not in ("lora", "dora"):
+        logger.info("fine_tune_type=%s: no PEFT adapter (PEFT adapters exist for lora and dora only)", job.fine_tune_type)
+        return files, None
+    return files, write_peft_adapter(job.adapter_path, job.adapter_config, job.meta, out_dir / ExportFiles.PEFT_DIR)
 
 
 # ---- verification -------------------------------------------------------------
-def _mlx_reference(model, prompts_ids: list[list[int]]) -> tuple[list[np.ndarray], list[list[int]]]:
+def _mlx_reference(model, prompts_ids: list[list[int]]) -> tuple[list[Any], list[list[int]]]:
     import mlx.core as mx
+    import numpy as np
     from mlx_lm.generate import generate_step
 
     logits, greedy = [], []
@@ -269,7 +247,7 @@ def _mlx_reference(model, prompts_ids: list[list[int]]) -> tuple[list[np.ndarray
     return logits, greedy
 
 
-def _torch_reference(model, prompts_ids: list[list[int]]) -> tuple[list[np.ndarray], list[list[int]]]:
+def _torch_reference(model, prompts_ids: list[list[int]]) -> tuple[list[Any], list[list[int]]]:
     import torch
 
     logits, greedy = [], []
@@ -289,6 +267,8 @@ def _torch_reference(model, prompts_ids: list[list[int]]) -> tuple[list[np.ndarr
 
 
 def _compare(name: str, ref: tuple, got: tuple, tol: float, require_greedy: bool) -> dict[str, Any]:
+    import numpy as np
+
     max_diff = max(float(np.abs(a - b).max()) for a, b in zip(ref[0], got[0]))
     same = all(a == b for a, b in zip(ref[1], got[1]))
     ok = max_diff <= tol and (same or not require_greedy)
@@ -297,6 +277,44 @@ def _compare(name: str, ref: tuple, got: tuple, tol: float, require_greedy: bool
         name, max_diff, tol, GREEDY_TOKENS, "identical" if same else "DIFFER", "ok" if ok else "FAILED",
     )
     return {"max_abs_logit_diff": max_diff, "tolerance": tol, "greedy_identical": same, "passed": ok}
+
+
+def _check_inputs(adapter_path: Path, output_dir: Path, dtype: str | None, force: bool) -> tuple[dict[str, Any], ProjectMeta]:
+    """Refuse a bad --dtype or finished work; the adapter's config and project metadata."""
+    if dtype is not None and dtype not in DTYPES:
+        raise UserError(f"unknown --dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+    ensure_can_write(output_dir, force, "output folder")
+    return read_adapter_config(adapter_path), read_project_meta(adapter_path)
+
+
+def _is_quantized(base_config: dict[str, Any]) -> bool:
+    return "quantization" in base_config or "quantization_config" in base_config
+
+
+def dry_run_text(model: str | None, adapter_path: str | Path, output_dir: str | Path, *, dtype: str | None = None,
+                 force: bool = False, verify: bool = True, max_shard_gb: float = 5.0) -> str:
+    """``--dry-run``: what an export would read and write, from the configs alone (no weights loaded)."""
+    from fishtune.loading import resolve_model_path
+
+    adapter_path, output_dir = Path(adapter_path), Path(output_dir)
+    adapter_config, meta = _check_inputs(adapter_path, output_dir, dtype, force)
+    base_path = resolve_model_path(model or meta.base_model)
+    base_config, arch = _read_base_config(base_path)
+    quantized = _is_quantized(base_config)
+    out_dtype = dtype or ("float32" if quantized else _base_dtype(base_config, {}))
+    fine_tune_type = adapter_config.get("fine_tune_type", "lora")
+    files = [f"{ExportFiles.WEIGHTS} ({out_dtype}; sharded above {max_shard_gb:g} GiB)", ExportFiles.CONFIG,
+             ExportFiles.GENERATION_CONFIG, "tokenizer files", ExportFiles.META]
+    if fine_tune_type in ("lora", "dora"):
+        files.append(f"{ExportFiles.PEFT_DIR}/")
+    proof = (f"MLX base+adapter vs transformers fused and + PEFT, tolerance {TOLERANCE[out_dtype]:g}" if verify
+             else "off (--no-verify)")
+    return "\n".join([
+        f"adapter: {adapter_path} ({fine_tune_type}, template {meta.template}, trained on {meta.base_model})",
+        f"base: {base_path} ({arch.hf_class}{', quantized: dequantized before fusing' if quantized else ''})",
+        f"would write: {output_dir}/: {', '.join(files)}",
+        f"proof: {proof}",
+    ])
 
 
 def export_huggingface(
@@ -315,21 +333,17 @@ def export_huggingface(
     from fishtune.loading import load_model
 
     adapter_path, output_dir = Path(adapter_path), Path(output_dir)
-    if dtype is not None and dtype not in DTYPES:
-        raise UserError(f"unknown --dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
-    ensure_can_write(output_dir, force, "output folder")
-    adapter_config = read_adapter_config(adapter_path)
-    meta = read_project_meta(adapter_path)
+    adapter_config, meta = _check_inputs(adapter_path, output_dir, dtype, force)
 
     local_base = Path(model or meta.base_model)
-    if (local_base / "config.json").is_file():  # refuse before the (slow) load
-        _check_architecture(local_base)
+    if (local_base / ExportFiles.CONFIG).is_file():  # refuse before the (slow) load
+        _read_base_config(local_base)
     lm = load_model(model, str(adapter_path), fuse=False)
     base_path = Path(lm.model_path)
-    base_config = _check_architecture(base_path)
-    quantized = "quantization" in base_config or "quantization_config" in base_config
+    base_config, arch = _read_base_config(base_path)
+    quantized = _is_quantized(base_config)
     out_dtype = dtype or ("float32" if quantized else _base_dtype(base_config, _flat_weights(lm.model)))
-    fine_tune_type = adapter_config.get("fine_tune_type", "lora")
+    job = _Export(adapter_path, adapter_config, meta, base_path, base_config, arch, lm.tokenizer, out_dtype)
 
     prompts = [meta.prompt_template.question_prompt(q, meta.system_prompt) for q in VERIFY_QUESTIONS]
     prompts_ids = [lm.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
@@ -341,38 +355,16 @@ def export_huggingface(
     weights = _to_numpy(_flat_weights(lm.model))
     _check_finite(weights)
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
-        files = _save_safetensors(weights, tmp, out_dtype, int(max_shard_gb * 2**30))
-        hf_config = _hf_config(base_config, out_dtype)
-        atomic_write_json(tmp / "config.json", hf_config)
-        _write_tokenizer(base_path, tmp, meta)
-        gen = {"bos_token_id": base_config.get("bos_token_id"), "eos_token_id": _end_token_ids(lm.tokenizer, meta, base_config)}
-        gen["pad_token_id"] = gen["eos_token_id"][0] if gen["eos_token_id"] else None
-        atomic_write_json(tmp / "generation_config.json", gen)
-        atomic_write_json(
-            tmp / PROJECT_META_FILE,
-            {**meta.to_dict(), "adapter_path": str(adapter_path), "fine_tune_type": fine_tune_type},
-        )
-        peft_dir = None
-        if fine_tune_type in ("lora", "dora"):
-            peft_dir = write_peft_adapter(adapter_path, adapter_config, meta, tmp / PEFT_SUBDIR)
-        else:
-            logger.info("fine_tune_type=%s: no PEFT adapter (PEFT adapters exist for lora and dora only)", fine_tune_type)
+    with atomic_dir(output_dir) as tmp:
+        files, peft_dir = _write_folder(job, weights, tmp, max_shard_gb)
         logger.info("wrote %s (%s, %s)", output_dir, out_dtype, ", ".join(files))
-
-        result = ExportResult(output_dir, output_dir / PEFT_SUBDIR if peft_dir else None, out_dtype)
+        result = ExportResult(output_dir, output_dir / ExportFiles.PEFT_DIR if peft_dir else None, out_dtype)
         if verify:
-            result.checks, result.passed = _verify(tmp, base_path, quantized, model, mlx_ref, prompts_ids, out_dtype, peft_dir)
-        replace_dir(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            result.checks, result.passed = _verify(tmp, base_path, quantized, mlx_ref, prompts_ids, out_dtype, peft_dir)
     return result
 
 
-def _verify(out_dir, base_path, quantized, model, mlx_ref, prompts_ids, out_dtype, peft_dir):
+def _verify(out_dir, base_path, quantized, mlx_ref, prompts_ids, out_dtype, peft_dir):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -384,7 +376,7 @@ def _verify(out_dir, base_path, quantized, model, mlx_ref, prompts_ids, out_dtyp
     if peft_dir is not None:
         from peft import PeftModel
 
-        base = _torch_base(out_dir, base_path, quantized, model, fused.config)
+        base = _torch_base(out_dir, base_path, quantized, fused.config)
         del fused
         peft_model = PeftModel.from_pretrained(base, str(peft_dir)).eval()
         # PEFT runs on the unrounded adapter in float32: float32 tolerance applies.
@@ -396,7 +388,7 @@ def _verify(out_dir, base_path, quantized, model, mlx_ref, prompts_ids, out_dtyp
     return checks, passed
 
 
-def _torch_base(out_dir: Path, base_path: Path, quantized: bool, model: str | None, config):
+def _torch_base(out_dir: Path, base_path: Path, quantized: bool, config):
     """The base for the PEFT check: the HF base itself, or the dequantized MLX base."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -416,7 +408,7 @@ def _torch_base(out_dir: Path, base_path: Path, quantized: bool, model: str | No
     state = {k: torch.from_numpy(v) for k, v in weights.items()}
     missing, unexpected = torch_model.load_state_dict(state, strict=False)
     if unexpected or [m for m in missing if m != "lm_head.weight"]:
-        raise UserError(f"dequantized base does not match {out_dir / 'config.json'}: missing {missing}, unexpected {unexpected}")
+        raise UserError(f"dequantized base does not match {out_dir / ExportFiles.CONFIG}: missing {missing}, unexpected {unexpected}")
     torch_model.tie_weights()
     return torch_model.eval()
 
@@ -432,4 +424,4 @@ def format_checks(checks: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["export_huggingface", "write_peft_adapter", "format_checks", "ExportResult", "DTYPES"]
+__all__ = ["export_huggingface", "dry_run_text", "format_checks", "ExportResult", "DTYPES", "TOLERANCE"]

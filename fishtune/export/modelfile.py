@@ -13,13 +13,11 @@ Modelfile's directory). So ``ollama_model/Modelfile`` says
 ``FROM ./qwen2-fish.gguf`` and the repo's top-level ``Modelfile`` says
 ``FROM ./ollama_model/qwen2-fish.gguf``.
 
-Run ``python -m fishtune.export.modelfile`` to (re)write a Modelfile by hand.
+Run ``python -m fishtune.export modelfile`` (:mod:`fishtune.export.modelfile_cli`) to (re)write one by hand.
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from pathlib import Path
 
 from fishtune.errors import UserError
@@ -147,31 +145,6 @@ def repo_modelfile_text() -> str:
     return render_modelfile(REPO_MODELFILE_FROM, get_template(), DEFAULT_SYSTEM_PROMPT, DEFAULT_NUM_CTX)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from fishtune.errors import setup_logging
-    from fishtune.fileio import ensure_can_write
+__all__ = ["DEFAULT_NUM_CTX", "DEFAULT_GGUF", "REPO_MODELFILE_FROM", "from_path", "render_modelfile", "parse_modelfile",
+           "write_modelfile", "repo_modelfile_text"]
 
-    ap = argparse.ArgumentParser(prog="python -m fishtune.export.modelfile", description="Write an Ollama Modelfile for a GGUF file.")
-    ap.add_argument("--gguf", default=DEFAULT_GGUF, help="the GGUF file FROM points at (default: %(default)s)")
-    ap.add_argument("--output", default="Modelfile", help="Modelfile to write (default: %(default)s)")
-    ap.add_argument("--hf-model-dir", default=None, help="read template/system prompt from its fishtune.json")
-    ap.add_argument("--template", default=None, help="prompt template name (default: from fishtune.json or alpaca)")
-    ap.add_argument("--system-prompt", default=None, help="system prompt (default: from fishtune.json or the seed's)")
-    ap.add_argument("--num-ctx", type=int, default=DEFAULT_NUM_CTX)
-    ap.add_argument("--force", action="store_true")
-    ap.add_argument("--verbose", action="store_true")
-    args = ap.parse_args(argv)
-    setup_logging(args.verbose)
-    from fishtune.export.gguf_writer import load_project_meta
-
-    meta = load_project_meta(args.hf_model_dir or "huggingface_model", args.template, args.system_prompt)
-    ensure_can_write(args.output, args.force, "Modelfile")
-    write_modelfile(args.output, args.gguf, meta.prompt_template, meta.system_prompt, args.num_ctx)
-    print(f"wrote {args.output} (FROM {from_path(args.gguf, args.output)})")
-    return 0
-
-
-if __name__ == "__main__":
-    from fishtune.errors import run_cli
-
-    sys.exit(run_cli(main)())

@@ -23,15 +23,15 @@ Checks (each prints its numbers; any failure makes convert_to_gguf.py exit 1):
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
+from fishtune.export.llama_cpp import open_llama, tokenize
 from fishtune.template import PromptTemplate
 
 logger = logging.getLogger(__name__)
@@ -74,66 +74,15 @@ class ProofReport:
         return out
 
 
-@contextlib.contextmanager
-def _plain_cpu_buffers() -> Iterator[None]:
-    """Load weights without llama.cpp's "extra" CPU buffer types (AMX, repacked layouts).
-
-    Why: on CPUs that advertise AMX inside a VM that does not enable it,
-    llama.cpp's AMX matmul segfaults on the first batch of more than one
-    token (seen on this project's CI). The plain CPU kernels are the
-    reference ones, which is what a proof wants anyway. llama-cpp-python has
-    no flag for ``use_extra_bufts``, so we wrap its default-params factory
-    for the duration of the load.
-    """
-    import llama_cpp.llama_cpp as lib
-
-    orig = lib.llama_model_default_params
-
-    def params():
-        p = orig()
-        p.use_extra_bufts = False
-        return p
-
-    lib.llama_model_default_params = params
-    try:
-        yield
-    finally:
-        lib.llama_model_default_params = orig
-
-
-def open_llama(
-    path: str | os.PathLike,
-    n_ctx: int = 512,
-    logits_all: bool = False,
-    f32_kv: bool = False,
-    plain_cpu: bool = True,
-    n_threads: int | None = None,
-    **kwargs: Any,
-):
-    """``llama_cpp.Llama`` for a GGUF file, quiet, optionally with an F32 KV cache."""
-    import llama_cpp
-
-    if f32_kv:
-        kwargs.setdefault("type_k", llama_cpp.GGML_TYPE_F32)
-        kwargs.setdefault("type_v", llama_cpp.GGML_TYPE_F32)
-    ctx = _plain_cpu_buffers() if plain_cpu else contextlib.nullcontext()
-    with ctx:
-        return llama_cpp.Llama(
-            str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=False,
-            n_threads=n_threads or os.cpu_count() or 1, seed=0, **kwargs,
-        )
-
-
 class HFReference:
     """transformers' tokenizer and float32 model for an HF folder, loaded once."""
 
     def __init__(self, hf_dir: str | os.PathLike):
         import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.hf_dir = Path(hf_dir)
         self.weights_from: Path | None = None  # set once GGUF weights were loaded in
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         self.torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
         self.model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
@@ -151,12 +100,11 @@ class HFReference:
 
         Returns each tensor's relative RMS error ``||gguf - hf|| / ||hf||``.
         """
-        import gguf
+        from fishtune.export.architectures import inverse_permute_rope
+        from fishtune.export.gguf_file import read_gguf_header, read_tensor
+        from fishtune.export.gguf_writer import plan_tensors, read_hf_model
 
-        from fishtune.export.gguf_writer import inverse_permute_rope, plan_tensors, read_gguf_header, read_hf_model
-
-        hf_model = read_hf_model(self.hf_dir)
-        plans = {p.gguf_name: p for p in plan_tensors(hf_model, "F32")}
+        plans = {p.gguf_name: p for p in plan_tensors(read_hf_model(self.hf_dir), "F32")}
         params = dict(self.model.named_parameters())
         _, infos = read_gguf_header(gguf_path)
         data = np.memmap(gguf_path, dtype=np.uint8, mode="r")
@@ -165,15 +113,9 @@ class HFReference:
             plan = plans.get(ti.name)
             if plan is None:
                 raise ValueError(f"{gguf_path}: unexpected tensor {ti.name}")
-            qt = gguf.GGMLQuantizationType[ti.type_name]
-            block, type_size = gguf.GGML_QUANT_SIZES[qt]
-            n = int(np.prod(ti.shape))
-            raw = np.array(data[ti.offset : ti.offset + n // block * type_size])
-            arr = gguf.quants.dequantize(raw.reshape(n // ti.shape[0], -1), qt).reshape(tuple(reversed(ti.shape)))
-            if plan.transform == "permute_q":
-                arr = inverse_permute_rope(arr, hf_model.n_head)
-            elif plan.transform == "permute_k":
-                arr = inverse_permute_rope(arr, hf_model.n_head_kv)
+            arr = read_tensor(data, ti)
+            if plan.rope_heads:
+                arr = inverse_permute_rope(arr, plan.rope_heads)
             target = params[plan.hf_name]
             new = self.torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).reshape(target.shape)
             with self.torch.no_grad():
@@ -187,6 +129,125 @@ def _row_correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = a - a.mean(-1, keepdims=True)
     b = b - b.mean(-1, keepdims=True)
     return (a * b).sum(-1) / np.sqrt((a * a).sum(-1) * (b * b).sum(-1))
+
+
+@dataclass
+class _Run:
+    """What the checks share: the file in llama.cpp, the reference, the prompts, the logits so far."""
+
+    llm: Any
+    hf: HFReference
+    template: PromptTemplate
+    system_prompt: str | None
+    report: ProofReport
+    prompts: list[str]
+    id_lists: list[list[int]] = field(default_factory=list)
+    llama_logits: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, name: str, ok: bool, detail: str) -> None:
+        self.report.checks.append(Check(name, ok, detail))
+
+
+def _check_tokenizer(run: _Run) -> None:
+    texts = SAMPLE_TEXTS + [
+        ("template prompt", run.prompts[0]),
+        ("training text", run.template.training_text(SAMPLE_QUESTIONS[0], "每周换水一次。", run.system_prompt)),
+    ]
+    bad = []
+    for name, text in texts:
+        ref, got = run.hf.encode(text), tokenize(run.llm, text)
+        if ref != got:
+            bad.append(f"{name}: HF {ref[:12]} vs llama.cpp {got[:12]}")
+    run.report.numbers["tokenizer_identical"] = len(texts) - len(bad)
+    run.add("tokenizer", not bad,
+            f"{len(texts) - len(bad)}/{len(texts)} texts tokenize identically ({', '.join(n for n, _ in texts)})"
+            + (f"; differences: {'; '.join(bad)}" if bad else ""))
+
+
+def _check_eos(run: _Run) -> None:
+    end_ids = run.hf.encode(run.template.end_token)
+    eos = run.llm.token_eos()
+    run.report.numbers["eos"] = eos
+    run.add("eos", end_ids == [eos],
+            f"llama.cpp EOS id {eos} {'==' if end_ids == [eos] else '!='} "
+            f"{run.template.end_token} id {end_ids} (template {run.template.name})")
+
+
+def _check_logits(run: _Run, exact: bool, tolerance: float) -> None:
+    if run.hf.weights_from is not None:
+        raise ValueError("HFReference already holds GGUF weights; load a fresh one")
+    max_diff, agree, total = 0.0, 0, 0
+    for p in run.prompts:
+        ids = run.hf.encode(p)
+        ref = run.hf.logits(ids)
+        run.llm.reset()
+        run.llm.eval(ids)
+        got = np.array(run.llm.scores[: len(ids)], dtype=np.float32)  # a copy: later calls reuse the buffer
+        max_diff = max(max_diff, float(np.abs(ref - got).max()))
+        agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
+        total += len(ids)
+        run.llama_logits.append(got)
+        run.id_lists.append(ids)
+    top1 = agree / total
+    run.report.numbers.update(max_abs_diff=max_diff, top1_agreement=top1, positions=total)
+    n = len(run.prompts)
+    if exact:
+        run.add("logits", max_diff < tolerance,
+                f"max |logit diff| = {max_diff:.3g} (limit {tolerance:g}) over {total} positions of "
+                f"{n} prompts; top-1 agreement {top1:.1%}")
+    else:
+        run.add("logits", True,
+                f"vs the original weights: top-1 agreement {top1:.1%} over {total} positions of {n} "
+                f"prompts; max |logit diff| {max_diff:.3g} (quantization error, reported)")
+
+
+def _check_stop(run: _Run) -> None:
+    """Forcing each one-token stop string ends the completion there, with finish_reason=stop."""
+    stops = list(run.template.stop_strings)
+    forced = []
+    for s in stops:
+        toks = run.hf.encode(s)
+        if len(toks) != 1:
+            forced.append((s, True, f"{s!r} is {len(toks)} tokens; not forced"))
+            continue
+        r = run.llm.create_completion(run.prompts[0], max_tokens=8, temperature=0.0, stop=stops,
+                                      logit_bias={toks[0]: 100.0})
+        ch = r["choices"][0]
+        ok = ch["finish_reason"] == "stop" and ch["text"] == ""
+        forced.append((s, ok, f"forced {s!r} -> finish_reason={ch['finish_reason']}, text={ch['text']!r}"))
+    run.add("stop", all(ok for _, ok, _ in forced), "; ".join(d for _, _, d in forced))
+
+
+def _report_greedy(run: _Run, max_new_tokens: int) -> None:
+    """A plain greedy answer, reported as it is (informational)."""
+    r = run.llm.create_completion(run.prompts[0], max_tokens=max_new_tokens, temperature=0.0,
+                                  stop=list(run.template.stop_strings))
+    ch = r["choices"][0]
+    reason = ch["finish_reason"]
+    run.report.numbers["greedy_finish_reason"] = reason
+    note = ("stopped at a stop string / EOS" if reason == "stop"
+            else f"hit the {max_new_tokens}-token limit without a stop string (expected for an untrained model)")
+    run.add("greedy", True, f"finish_reason={reason} ({note}); text={ch['text'][:60]!r}")
+
+
+def _check_weights(run: _Run, gguf_path: str | os.PathLike, min_correlation: float, max_weight_error: float) -> None:
+    """llama.cpp vs transformers running the GGUF's own (dequantized) weights."""
+    errors = run.hf.load_gguf_weights(gguf_path)
+    worst = max(errors, key=errors.get)
+    run.report.numbers["max_weight_rel_error"] = errors[worst]
+    run.add("weights", errors[worst] <= max_weight_error,
+            f"{len(errors)} GGUF tensors dequantized vs the HF tensors: max relative RMS error "
+            f"{errors[worst]:.3g} ({worst}; limit {max_weight_error})")
+    corrs, diff = [], 0.0
+    for ids, got in zip(run.id_lists, run.llama_logits):
+        ref = run.hf.logits(ids)
+        corrs.append(_row_correlation(ref, got))
+        diff = max(diff, float(np.abs(ref - got).max()))
+    corr = float(np.concatenate(corrs).min())
+    run.report.numbers.update(dequant_min_correlation=corr, dequant_max_abs_diff=diff)
+    run.add("llama.cpp reads the weights", corr >= min_correlation,
+            f"transformers running the dequantized GGUF weights vs llama.cpp: min logit correlation "
+            f"{corr:.5f} (limit {min_correlation}), max |diff| {diff:.3g}")
 
 
 def prove_gguf(
@@ -205,110 +266,18 @@ def prove_gguf(
     prompts = [template.question_prompt(q, system_prompt) for q in SAMPLE_QUESTIONS]
     llm = open_llama(gguf_path, n_ctx=512, logits_all=True, f32_kv=True)
     try:
-        # -- tokenizer ---------------------------------------------------------
-        texts = SAMPLE_TEXTS + [("template prompt", prompts[0]),
-                                ("training text", template.training_text(SAMPLE_QUESTIONS[0], "每周换水一次。", system_prompt))]
-        bad = []
-        for name, text in texts:
-            ref = hf.encode(text)
-            got = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-            if ref != got:
-                bad.append(f"{name}: HF {ref[:12]} vs llama.cpp {got[:12]}")
-        report.numbers["tokenizer_identical"] = len(texts) - len(bad)
-        report.checks.append(Check(
-            "tokenizer", not bad,
-            f"{len(texts) - len(bad)}/{len(texts)} texts tokenize identically ({', '.join(n for n, _ in texts)})"
-            + (f"; differences: {'; '.join(bad)}" if bad else ""),
-        ))
-
-        # -- eos -----------------------------------------------------------------
-        end_ids = hf.encode(template.end_token)
-        eos = llm.token_eos()
-        report.numbers["eos"] = eos
-        report.checks.append(Check(
-            "eos", end_ids == [eos],
-            f"llama.cpp EOS id {eos} {'==' if end_ids == [eos] else '!='} "
-            f"{template.end_token} id {end_ids} (template {template.name})",
-        ))
-
-        # -- logits --------------------------------------------------------------
-        if hf.weights_from is not None:
-            raise ValueError("HFReference already holds GGUF weights; load a fresh one")
-        max_diff, agree, total, gots, id_lists = 0.0, 0, 0, [], []
-        for p in prompts:
-            ids = hf.encode(p)
-            ref = hf.logits(ids)
-            llm.reset()
-            llm.eval(ids)
-            got = np.array(llm.scores[: len(ids)], dtype=np.float32)  # a copy: later calls reuse the buffer
-            max_diff = max(max_diff, float(np.abs(ref - got).max()))
-            agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
-            total += len(ids)
-            gots.append(got)
-            id_lists.append(ids)
-        top1 = agree / total
-        report.numbers.update(max_abs_diff=max_diff, top1_agreement=top1, positions=total)
-        if exact:
-            report.checks.append(Check(
-                "logits", max_diff < tolerance,
-                f"max |logit diff| = {max_diff:.3g} (limit {tolerance:g}) over {total} positions of "
-                f"{len(prompts)} prompts; top-1 agreement {top1:.1%}",
-            ))
-        else:
-            report.checks.append(Check(
-                "logits", True,
-                f"vs the original weights: top-1 agreement {top1:.1%} over {total} positions of {len(prompts)} "
-                f"prompts; max |logit diff| {max_diff:.3g} (quantization error, reported)",
-            ))
-
-        # -- stop: the stop strings end a completion ------------------------------
-        stops = list(template.stop_strings)
-        forced = []
-        for s in stops:
-            toks = hf.encode(s)
-            if len(toks) != 1:
-                forced.append((s, True, f"{s!r} is {len(toks)} tokens; not forced"))
-                continue
-            r = llm.create_completion(prompts[0], max_tokens=8, temperature=0.0, stop=stops,
-                                      logit_bias={toks[0]: 100.0})
-            ch = r["choices"][0]
-            ok = ch["finish_reason"] == "stop" and ch["text"] == ""
-            forced.append((s, ok, f"forced {s!r} -> finish_reason={ch['finish_reason']}, text={ch['text']!r}"))
-        report.checks.append(Check("stop", all(ok for _, ok, _ in forced), "; ".join(d for _, _, d in forced)))
-
-        # -- a plain greedy answer (informational) --------------------------------
-        r = llm.create_completion(prompts[0], max_tokens=max_new_tokens, temperature=0.0, stop=stops)
-        ch = r["choices"][0]
-        reason = ch["finish_reason"]
-        report.numbers["greedy_finish_reason"] = reason
-        note = ("stopped at a stop string / EOS" if reason == "stop"
-                else f"hit the {max_new_tokens}-token limit without a stop string (expected for an untrained model)")
-        report.checks.append(Check(
-            "greedy", True, f"finish_reason={reason} ({note}); text={ch['text'][:60]!r}",
-        ))
-
-        # -- weights: llama.cpp vs transformers running the GGUF's own (dequantized) weights
+        run = _Run(llm, hf, template, system_prompt, report, prompts)
+        _check_tokenizer(run)
+        _check_eos(run)
+        _check_logits(run, exact, tolerance)
+        _check_stop(run)
+        _report_greedy(run, max_new_tokens)
         if not exact:
-            errors = hf.load_gguf_weights(gguf_path)
-            worst = max(errors, key=errors.get)
-            report.numbers["max_weight_rel_error"] = errors[worst]
-            report.checks.append(Check(
-                "weights", errors[worst] <= max_weight_error,
-                f"{len(errors)} GGUF tensors dequantized vs the HF tensors: max relative RMS error "
-                f"{errors[worst]:.3g} ({worst}; limit {max_weight_error})",
-            ))
-            corrs, diff = [], 0.0
-            for ids, got in zip(id_lists, gots):
-                ref = hf.logits(ids)
-                corrs.append(_row_correlation(ref, got))
-                diff = max(diff, float(np.abs(ref - got).max()))
-            corr = float(np.concatenate(corrs).min())
-            report.numbers.update(dequant_min_correlation=corr, dequant_max_abs_diff=diff)
-            report.checks.append(Check(
-                "llama.cpp reads the weights", corr >= min_correlation,
-                f"transformers running the dequantized GGUF weights vs llama.cpp: min logit correlation "
-                f"{corr:.5f} (limit {min_correlation}), max |diff| {diff:.3g}",
-            ))
+            _check_weights(run, gguf_path, min_correlation, max_weight_error)
     finally:
         llm.close()
     return report
+
+
+__all__ = ["HFReference", "ProofReport", "Check", "prove_gguf", "F32_TOLERANCE", "MIN_CORRELATION",
+           "MAX_WEIGHT_ERROR"]

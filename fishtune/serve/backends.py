@@ -2,33 +2,49 @@
 
 * :class:`MLXBackend`: base model + adapter through :mod:`fishtune.loading`
   and :mod:`fishtune.infer.generation` (the fine-tuned model as trained).
-* :class:`LlamaCppBackend`: a GGUF file through llama.cpp (``llama_cpp.Llama``),
-  prompted with the project template found in the GGUF's metadata, the
-  Modelfile or ``fishtune.json`` next to it, or the default.
+* :class:`LlamaCppBackend`: a GGUF file through llama.cpp
+  (:mod:`fishtune.export.llama_cpp`), prompted with the project template
+  that :mod:`fishtune.export.gguf_meta` finds for it (GGUF metadata, the
+  Modelfile or ``fishtune.json`` next to it, or the default).
 * :class:`OllamaBackend`: a running Ollama, through its ``/api/chat`` over
   plain HTTP (``requests``), streamed NDJSON or one JSON answer; Ollama
   applies the Modelfile's TEMPLATE/SYSTEM itself.
 
 Every back end takes chat messages (``[{"role", "content"}, ...]``, an
 optional system message first) and yields
-:class:`fishtune.generation.GenerationChunk` s: text pieces, the last one
-with ``finish_reason`` and token counts. ``cancel`` (a ``threading.Event``)
-or closing the iterator stops generation early.
+:class:`fishtune.infer.generation.GenerationChunk` s from a generator: text
+pieces, the last one with ``finish_reason`` and token counts. ``cancel`` (a
+``threading.Event``) or closing the generator stops generation early.
+``serialize`` says whether requests must take turns (the model's state is
+not thread-safe); :class:`fishtune.serve.streaming.Generation` keeps that gate.
 """
 from __future__ import annotations
 
 import codecs
+import contextlib
+import dataclasses
+import importlib.util
 import json
 import logging
+import os
 import random
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Generator, Sequence
 
 from fishtune.errors import UserError
-from fishtune.infer.generation import GenerationChunk, GenerationResult, SamplingConfig, StopStringFilter
-from fishtune.template import DEFAULT_SYSTEM_PROMPT, PromptTemplate, get_template, template_names
+from fishtune.export import llama_cpp as llama
+from fishtune.export.gguf_meta import gguf_project_meta
+from fishtune.infer.generation import (
+    GenerationChunk,
+    GenerationResult,
+    SamplingConfig,
+    StopStringFilter,
+    collect,
+    stream_generate,
+)
+from fishtune.template import PromptTemplate, check_messages, get_template
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +78,7 @@ class Backend:
         raise NotImplementedError
 
     def info(self) -> dict[str, Any]:
+        """What ``/api/health`` shows about the back end."""
         return {"backend": self.kind, "model": self.model_name, "adapter": None, "template": self.template.name}
 
     def check(self) -> str | None:
@@ -73,25 +90,16 @@ class Backend:
         return self.template.render_prompt(messages, self.system_prompt)
 
     def stream_chat(self, messages: Messages, sampling: SamplingConfig,
-                    cancel: threading.Event | None = None) -> Iterator[GenerationChunk]:
+                    cancel: threading.Event | None = None) -> Generator[GenerationChunk, None, None]:
         raise NotImplementedError
 
     def chat(self, messages: Messages, sampling: SamplingConfig,
              cancel: threading.Event | None = None) -> GenerationResult:
         """The whole answer at once (the stream collected)."""
-        t0 = time.perf_counter()
-        parts: list[str] = []
-        final = GenerationChunk("", "length")
-        for chunk in self.stream_chat(messages, sampling, cancel):
-            parts.append(chunk.text)
-            if chunk.finish_reason is not None:
-                final = chunk
-        return GenerationResult("".join(parts), final.finish_reason or "length", final.prompt_tokens,
-                                final.generation_tokens, final.generation_tps, final.prompt_tps,
-                                time.perf_counter() - t0)
+        return collect(self.stream_chat(messages, sampling, cancel))
 
     def close(self) -> None:
-        pass
+        """Free the model at shutdown (nothing to free by default)."""
 
 
 # ---- MLX -------------------------------------------------------------------------
@@ -103,35 +111,22 @@ class MLXBackend(Backend):
     kind = "mlx"
 
     def __init__(self, lm: Any, context_tokens: int = 2048, system_prompt: str | None = None):
-        # load_model already materialised the fused weights on the loading thread.
+        """``lm``: from :func:`fishtune.loading.load_model` (which materialised the fused weights on its thread)."""
         self.lm = lm
         self.template = lm.template
         self.system_prompt = system_prompt if system_prompt is not None else lm.system_prompt
         self.tokenizer = lm.tokenizer
         self.context_tokens = context_tokens
-
-    @classmethod
-    def load(cls, model: str | None, adapter_path: str | None, *, no_adapter: bool = False,
-             context_tokens: int = 2048, system_prompt: str | None = None) -> "MLXBackend":
-        from fishtune.loading import load_model
-
-        lm = load_model(model, adapter_path, no_adapter=no_adapter)
         logger.info("loaded %s", lm.describe())
-        return cls(lm, context_tokens, system_prompt)
 
     @property
     def model_name(self) -> str:
         return Path(self.lm.model_path).name or self.lm.model_path
 
     def info(self) -> dict[str, Any]:
-        return {"backend": self.kind, "model": self.lm.model_path, "adapter": self.lm.adapter_path,
-                "template": self.template.name, "fused": self.lm.fused}
+        return {**super().info(), "model": self.lm.model_path, "adapter": self.lm.adapter_path, "fused": self.lm.fused}
 
     def stream_chat(self, messages, sampling, cancel=None):
-        import dataclasses
-
-        from fishtune.infer.generation import stream_generate
-
         if sampling.seed is None:
             # MLX's random state is per thread and starts the same in each new thread:
             # without a fresh seed, every worker thread would sample the same answers.
@@ -149,68 +144,7 @@ class _LlamaTokenizer:
         self.llm = llm
 
     def encode(self, text: str) -> list[int]:
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-
-
-def template_from_jinja(chat_template: str | None) -> PromptTemplate | None:
-    """The project template whose Jinja rendering is ``chat_template`` (GGUF metadata), if any."""
-    if not chat_template:
-        return None
-    for name in template_names():
-        tpl = get_template(name)
-        if tpl.jinja_chat_template() == chat_template:
-            return tpl
-    return None
-
-
-def gguf_project_meta(gguf_path: Path, metadata: dict[str, str]) -> tuple[PromptTemplate, str, str]:
-    """(template, system prompt, where they came from) for a GGUF file.
-
-    The template: the GGUF's ``tokenizer.chat_template`` when it is one of
-    ours, else the Modelfile's TEMPLATE next to the file, else
-    ``fishtune.json`` (HF export) next to it, else the default. The system
-    prompt: the Modelfile's SYSTEM, else ``fishtune.json``'s, else the default.
-    """
-    template = template_from_jinja(metadata.get("tokenizer.chat_template"))
-    source = ["template from the GGUF metadata"] if template else []
-    system: str | None = None
-    modelfile = gguf_path.parent / "Modelfile"
-    if modelfile.is_file():
-        from fishtune.export.modelfile import parse_modelfile
-
-        try:
-            pairs = dict(parse_modelfile(modelfile.read_text(encoding="utf-8")))
-        except (ValueError, UnicodeDecodeError) as exc:
-            logger.warning("ignoring %s: %s", modelfile, exc)
-            pairs = {}
-        if template is None and "template" in pairs:
-            for name in template_names():
-                if get_template(name).ollama_template() == pairs["template"]:
-                    template = get_template(name)
-                    source.append(f"template from {modelfile}")
-                    break
-        if "system" in pairs:
-            system = pairs["system"]
-            source.append(f"system prompt from {modelfile}")
-    meta_file = gguf_path.parent / "fishtune.json"
-    if meta_file.is_file() and (template is None or system is None):
-        try:
-            d = json.loads(meta_file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UserError(f"{meta_file} is not valid JSON ({exc}); fix or delete it") from None
-        if template is None and d.get("template"):
-            template = get_template(d["template"])
-            source.append(f"template from {meta_file}")
-        if system is None and isinstance(d.get("system_prompt"), str):
-            system = d["system_prompt"]
-            source.append(f"system prompt from {meta_file}")
-    if template is None:
-        template = get_template()
-        source.append("default template")
-    if system is None:
-        system = DEFAULT_SYSTEM_PROMPT
-        source.append("default system prompt")
-    return template, system, "; ".join(source)
+        return llama.tokenize(self.llm, text)
 
 
 class LlamaCppBackend(Backend):
@@ -220,25 +154,18 @@ class LlamaCppBackend(Backend):
 
     def __init__(self, gguf_path: str, *, n_ctx: int = 2048, n_threads: int | None = None,
                  template: str | None = None, system_prompt: str | None = None):
-        import os
-
         path = Path(gguf_path)
         if not path.is_file():
             raise UserError(f"GGUF file {path} does not exist; write one with convert_to_gguf.py or fix --gguf")
         with path.open("rb") as f:
             if f.read(4) != b"GGUF":
                 raise UserError(f"{path} is not a GGUF file (no GGUF magic); pass a file written by convert_to_gguf.py")
-        try:
-            import llama_cpp
-        except ImportError:
-            raise UserError("--gguf needs llama-cpp-python (pip install llama-cpp-python)") from None
-        from fishtune.export.verify import open_llama
-
-        self._llama_cpp = llama_cpp
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise UserError("--gguf needs llama-cpp-python (pip install llama-cpp-python)")
         self.path = path
         try:
-            # Plain CPU buffers: llama.cpp's AMX kernels crash in some VMs (see gguf_verify).
-            self.llm = open_llama(path, n_ctx=n_ctx, n_threads=n_threads or min(4, os.cpu_count() or 1))
+            # open_llama turns weight repacking off where it crashes (see fishtune.export.llama_cpp).
+            self.llm = llama.open_llama(path, n_ctx=n_ctx, n_threads=n_threads or min(4, os.cpu_count() or 1))
         except ValueError as exc:
             raise UserError(f"llama.cpp can't load {path} ({exc}); is the file complete?") from None
         tpl, system, source = gguf_project_meta(path, dict(self.llm.metadata))
@@ -256,12 +183,10 @@ class LlamaCppBackend(Backend):
         return self.path.name
 
     def info(self) -> dict[str, Any]:
-        return {"backend": self.kind, "model": str(self.path), "adapter": None, "template": self.template.name,
-                "n_ctx": self.n_ctx}
+        return {**super().info(), "model": str(self.path), "n_ctx": self.n_ctx}
 
     def stream_chat(self, messages, sampling, cancel=None):
-        prompt = self.render(messages)
-        ids = self.llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+        ids = llama.tokenize(self.llm, self.render(messages))
         room = self.n_ctx - len(ids)
         if room < 1:
             raise UserError(f"the prompt is {len(ids)} tokens, more than the context of {self.n_ctx}; "
@@ -269,7 +194,6 @@ class LlamaCppBackend(Backend):
         return self._stream(ids, sampling, min(sampling.max_tokens, room), cancel)
 
     def _stream(self, ids, sampling, max_tokens, cancel):
-        vocab = self.llm._model.vocab
         self.llm.set_seed(sampling.seed if sampling.seed is not None else random.randrange(2**31))
         dec = codecs.getincrementaldecoder("utf-8")("replace")
         stops = StopStringFilter(self.template.stop_strings)
@@ -281,7 +205,7 @@ class LlamaCppBackend(Backend):
         try:
             for tok in gen:
                 out = ""
-                if self._llama_cpp.llama_vocab_is_eog(vocab, tok):
+                if llama.is_end_of_generation(self.llm, tok):
                     finish = "stop"
                     out = dec.decode(b"", final=True) + stops.flush()
                 else:
@@ -306,10 +230,8 @@ class LlamaCppBackend(Backend):
         yield GenerationChunk(stops.flush(), "length", len(ids), n)
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # closing is best effort at shutdown
             self.llm.close()
-        except Exception:  # closing is best effort at shutdown
-            pass
 
 
 # ---- Ollama ----------------------------------------------------------------------
@@ -337,7 +259,7 @@ class OllamaBackend(Backend):
             raise UserError(f"--ollama-url {url!r} must start with http:// or https://, e.g. {OLLAMA_DEFAULT_URL}")
         self.model = model
         self.url = url.rstrip("/")
-        self.template = get_template()  # only for message checks and the history budget
+        self.template = get_template()  # only for the history budget: Ollama renders the prompt
         self.system_prompt = system_prompt
         self.timeout_s = timeout_s
         self.context_tokens = context_chars  # no tokenizer here: the history budget counts characters
@@ -347,8 +269,7 @@ class OllamaBackend(Backend):
         return self.model
 
     def info(self) -> dict[str, Any]:
-        return {"backend": self.kind, "model": self.model, "adapter": None, "template": "ollama Modelfile",
-                "ollama_url": self.url}
+        return {**super().info(), "template": "ollama Modelfile", "ollama_url": self.url}
 
     def _unavailable(self, exc: Exception) -> BackendUnavailable:
         return BackendUnavailable(
@@ -370,7 +291,7 @@ class OllamaBackend(Backend):
         return None
 
     def _payload(self, messages: Messages, sampling: SamplingConfig, stream: bool) -> dict[str, Any]:
-        self.template.render_prompt(messages, None)  # same message rules as the other back ends
+        check_messages(messages, end="user")  # same message rules as the other back ends
         msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
         if self.system_prompt and not any(m["role"] == "system" for m in msgs):
             msgs.insert(0, {"role": "system", "content": self.system_prompt})
@@ -460,4 +381,4 @@ class OllamaBackend(Backend):
 
 
 __all__ = ["Backend", "BackendError", "BackendUnavailable", "MLXBackend", "LlamaCppBackend", "OllamaBackend",
-           "OLLAMA_DEFAULT_URL", "gguf_project_meta", "template_from_jinja"]
+           "OLLAMA_DEFAULT_URL", "Messages"]

@@ -1,6 +1,6 @@
 """Per-user chat histories for the web server: bounded, expiring, thread-safe.
 
-Each session id maps to one :class:`fishtune.chat.ChatSession` (its history is
+Each session id maps to one :class:`fishtune.infer.chat.ChatSession` (its history is
 already bounded by turns and by the prompt's token budget). The table itself
 is bounded too: idle sessions expire after ``ttl_s`` seconds and, when more
 than ``max_sessions`` are alive, the least recently used one is evicted. So
@@ -9,6 +9,10 @@ memory stays bounded however many clients come and go.
 Every session carries its own lock: two requests of the same user are
 answered one after the other (the history stays in order), requests of
 different users never touch each other's history.
+
+The endpoints use the table only through :class:`SessionStorage` (look up,
+create, add a turn, read, clear, stats), so another store (e.g. SQLite) can
+replace the in-memory :class:`SessionStore` without touching them.
 """
 from __future__ import annotations
 
@@ -19,10 +23,10 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
-from fishtune.infer.chat import ChatSession
 from fishtune.errors import UserError
+from fishtune.infer.chat import ChatSession
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +61,24 @@ class SessionEntry:
     last_used: float = 0.0
 
 
+class SessionStorage(Protocol):
+    """What the endpoints need from a session table."""
+
+    def get(self, session_id: str | None) -> SessionEntry | None: ...
+
+    def get_or_create(self, session_id: str | None) -> SessionEntry: ...
+
+    def add_turn(self, entry: SessionEntry, question: str, answer: str) -> None: ...
+
+    def history(self, session_id: str | None) -> list[dict[str, str]]: ...
+
+    def clear(self, session_id: str | None) -> bool: ...
+
+    def stats(self) -> dict: ...
+
+
 class SessionStore:
-    """Session id -> :class:`SessionEntry`, LRU-bounded with idle expiry.
+    """Session id -> :class:`SessionEntry`, in memory, LRU-bounded with idle expiry.
 
     ``factory()`` builds a fresh ChatSession. ``clock`` is injectable so the
     expiry can be tested without sleeping.
@@ -132,6 +152,15 @@ class SessionStore:
                 self._entries.move_to_end(session_id)
             return entry
 
+    def add_turn(self, entry: SessionEntry, question: str, answer: str) -> None:
+        """Record an answered turn (the caller holds ``entry.lock``)."""
+        entry.chat.add_turn(question, answer)
+
+    def history(self, session_id: str | None) -> list[dict[str, str]]:
+        """The session's turns as chat messages, without the system prompt ([] when unknown)."""
+        entry = self.get(session_id)
+        return [m for m in entry.chat.messages if m["role"] != "system"] if entry else []
+
     def clear(self, session_id: str | None) -> bool:
         """Forget the history of ``session_id``; False when there was none."""
         entry = self.get(session_id)
@@ -148,4 +177,4 @@ class SessionStore:
                     "session_ttl_s": self.ttl_s, "evicted": self.evicted, "expired": self.expired}
 
 
-__all__ = ["SessionStore", "SessionEntry", "check_session_id", "new_session_id", "SESSION_ID_RE"]
+__all__ = ["SessionStorage", "SessionStore", "SessionEntry", "check_session_id", "new_session_id", "SESSION_ID_RE"]

@@ -11,12 +11,17 @@ batches feed ``mlx_lm.tuner.trainer.train``/``evaluate``.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from fishtune.errors import UserError
-from fishtune.train.examples import Example
+from fishtune.fileio import read_jsonl
+from fishtune.project import DataFiles
+from fishtune.template import get_template
+from fishtune.train.examples import DataReport, Example, build_examples
 
 logger = logging.getLogger(__name__)
 
@@ -203,4 +208,53 @@ def describe_batching(ds: TokenDataset) -> str:
     )
 
 
-__all__ = ["TokenDataset", "make_batch", "iterate_batches", "batch_token_counts", "describe_batching", "padded_width"]
+# ---------------------------------------------------------------------------
+# A data folder's splits
+# ---------------------------------------------------------------------------
+@dataclass
+class Splits:
+    """The tokenized splits of a data folder (None: not loaded or absent)."""
+
+    train: Any  # TokenDataset
+    valid: Any
+    test: Any
+    reports: dict[str, DataReport]
+    train_fingerprint: str = ""
+
+
+def load_splits(cfg: Any, tokenizer: Any, need_train: bool, need_test: bool) -> Splits:
+    """``train``/``valid``/``test.jsonl`` of ``cfg.data`` as token datasets (``cfg``: a TrainConfig)."""
+    import hashlib
+
+    data = Path(cfg.data)
+    if not data.is_dir():
+        raise UserError(f"data folder {data} not found; run process_data.py or point --data at a folder with train.jsonl")
+    tpl = get_template(cfg.template)
+    reports: dict[str, DataReport] = {}
+    out: dict[str, Any] = {"train": None, "valid": None, "test": None}
+    wanted = (["train", "valid"] if need_train else []) + (["test"] if need_test else [])
+    for split in wanted:
+        path = data / DataFiles.split(split)
+        rows = read_jsonl(path, missing=None if split == "valid" else
+                          "run process_data.py first or point --data at a folder with train.jsonl")
+        if rows is None:
+            logger.warning("%s not found: training without validation loss", path)
+            continue
+        if not rows:
+            if split == "valid":
+                logger.warning("%s is empty: training without validation loss", path)
+                continue
+            raise UserError(f"{path} is empty; it needs at least one record (run process_data.py)")
+        exs, rep = build_examples(
+            rows, tokenizer, tpl, cfg.system_prompt, mask_prompt=cfg.mask_prompt,
+            max_seq_length=cfg.max_seq_length, name=str(path),
+        )
+        for note in rep.notes:
+            (logger.warning if "truncated" in note else logger.info)(note)
+        reports[split] = rep
+        out[split] = TokenDataset(exs, cfg.batch_size, cfg.seed, name=split)
+    fp = hashlib.sha256((data / DataFiles.split("train")).read_bytes()).hexdigest()[:16] if need_train else ""
+    return Splits(out["train"], out["valid"], out["test"], reports, fp)
+
+
+__all__ = ["Splits", "load_splits", "TokenDataset", "make_batch", "iterate_batches", "batch_token_counts", "describe_batching", "padded_width"]

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fishtune.errors import UserError
-from fishtune.fileio import read_jsonl
-from fishtune.template import PromptTemplate, get_template
+from fishtune.template import PromptTemplate
 from fishtune.tokens import encode_text, encode_turns
 
 logger = logging.getLogger(__name__)
@@ -180,52 +178,4 @@ def build_examples(
     return examples, report
 
 
-@dataclass
-class Splits:
-    """The tokenized splits of a data folder (None: not loaded or absent)."""
-
-    train: Any  # TokenDataset
-    valid: Any
-    test: Any
-    reports: dict[str, DataReport]
-    train_fingerprint: str = ""
-
-
-def load_splits(cfg: Any, tokenizer: Any, need_train: bool, need_test: bool) -> Splits:
-    """``train``/``valid``/``test.jsonl`` of ``cfg.data`` as token datasets (``cfg``: a TrainConfig)."""
-    import hashlib
-
-    from fishtune.train.batches import TokenDataset
-
-    data = Path(cfg.data)
-    if not data.is_dir():
-        raise UserError(f"data folder {data} not found; run process_data.py or point --data at a folder with train.jsonl")
-    tpl = get_template(cfg.template)
-    reports: dict[str, DataReport] = {}
-    out: dict[str, Any] = {"train": None, "valid": None, "test": None}
-    wanted = (["train", "valid"] if need_train else []) + (["test"] if need_test else [])
-    for split in wanted:
-        path = data / f"{split}.jsonl"
-        rows = read_jsonl(path, missing=None if split == "valid" else
-                          "run process_data.py first or point --data at a folder with train.jsonl")
-        if rows is None:
-            logger.warning("%s not found: training without validation loss", path)
-            continue
-        if not rows:
-            if split == "valid":
-                logger.warning("%s is empty: training without validation loss", path)
-                continue
-            raise UserError(f"{path} is empty; it needs at least one record (run process_data.py)")
-        exs, rep = build_examples(
-            rows, tokenizer, tpl, cfg.system_prompt, mask_prompt=cfg.mask_prompt,
-            max_seq_length=cfg.max_seq_length, name=str(path),
-        )
-        for note in rep.notes:
-            (logger.warning if "truncated" in note else logger.info)(note)
-        reports[split] = rep
-        out[split] = TokenDataset(exs, cfg.batch_size, cfg.seed, name=split)
-    fp = hashlib.sha256((data / "train.jsonl").read_bytes()).hexdigest()[:16] if need_train else ""
-    return Splits(out["train"], out["valid"], out["test"], reports, fp)
-
-
-__all__ = ["Example", "DataReport", "record_parts", "build_examples", "Splits", "load_splits"]
+__all__ = ["Example", "DataReport", "record_parts", "build_examples"]

@@ -36,19 +36,20 @@ from typing import Any, Iterator
 
 from fishtune.errors import UserError
 from fishtune.fileio import atomic_write_json
-from fishtune.project import AdapterFiles
+from fishtune.project import AdapterFiles, DataFiles
 from fishtune.train import checkpoints as ck
 from fishtune.train.batches import (
+    Splits,
     batch_token_counts,
     describe_batching,
     iterate_batches,
+    load_splits,
     make_batch,
 )
 from fishtune.train.config import TrainConfig, load_config
 from fishtune.train.distributed import all_sum_float, bcast_int, bcast_tree, on_rank0
 from fishtune.train.distributed import world as distributed_world
 from fishtune.train.dora import use_fast_dora_norm
-from fishtune.train.examples import Splits, load_splits
 from fishtune.train.loss import masked_loss
 from fishtune.train.metrics import (
     MetricsLog,
@@ -188,10 +189,11 @@ class Trainer:
                 cfg.iters, cfg.grad_accumulation_steps, cfg.iters % cfg.grad_accumulation_steps,
             )
         data = Path(cfg.data)  # before loading the model: fail fast
-        if not (data / "train.jsonl").is_file():
-            raise UserError(f"{data / 'train.jsonl'} not found; run process_data.py or point --data at a folder with train.jsonl")
-        if cfg.test and not (data / "test.jsonl").is_file():
-            raise UserError(f"--test: {data / 'test.jsonl'} not found; add a test split or drop --test")
+        train, test = data / DataFiles.split("train"), data / DataFiles.split("test")
+        if not train.is_file():
+            raise UserError(f"{train} not found; run process_data.py or point --data at a folder with train.jsonl")
+        if cfg.test and not test.is_file():
+            raise UserError(f"--test: {test} not found; add a test split or drop --test")
 
     def _load(self) -> None:
         import mlx.core as mx
@@ -445,7 +447,7 @@ def evaluate_adapter(cfg: TrainConfig) -> RunResult:
     r = RunResult(adapter_path=Path(cfg.adapter_path), test_loss=loss, test_ppl=perplexity(loss))
     r.wall_time_s = time.perf_counter() - tic
     r.peak_memory_gb = mx.get_peak_memory() / 1e9
-    logger.info("Test loss %.4f, test perplexity %.3f (%s)", loss, r.test_ppl, Path(cfg.data) / "test.jsonl")
+    logger.info("Test loss %.4f, test perplexity %.3f (%s)", loss, r.test_ppl, Path(cfg.data) / DataFiles.split("test"))
     return r
 
 
