@@ -35,10 +35,16 @@ $(DEMO_ADAPTER)/adapters.safetensors: | smoke-model
 serve: $(DEMO_ADAPTER)/adapters.safetensors
 	$(PY) server.py --adapter-path $(DEMO_ADAPTER)
 
-bench: smoke-model
+BENCH_STAMP := $(VENV)/.bench-requirements.stamp
+
+$(BENCH_STAMP): bench/requirements.txt $(STAMP)
+	$(PY) -m pip install -r bench/requirements.txt
+	touch $(BENCH_STAMP)
+
+bench: smoke-model $(BENCH_STAMP)
 	$(PY) bench/run_all.py
 
-bench-quick: smoke-model
+bench-quick: smoke-model $(BENCH_STAMP)
 	$(PY) bench/run_all.py --quick
 
 clean:

@@ -19,6 +19,14 @@ in its own process (bench/scale_worker.py) so its peak RSS is its own:
 Then estimates the seed's 40-iteration run (batch 4, grad accumulation 2,
 max_seq_length 1024, the real data's lengths) from the measured step.
 
+Training against the PyTorch stack at both real shapes (``train_comparison``):
+random float32 weights with Qwen2-0.5B's and Qwen2-1.5B's configs, batch 1 x
+512 tokens, DoRA rank 8 on every linear, gradient checkpointing, the prompt
+masked, ``--compare-iters`` steps (the first excluded) for ours and each
+PyTorch contender of bench_train.py (PEFT loop, PEFT with the output layer at
+the loss positions only, TRL's SFTTrainer): s/step, tokens/s, peak RSS, and
+``ratios.ours_vs_fastest_torch`` per shape.
+
     python bench/bench_scale.py
 """
 from __future__ import annotations
@@ -41,6 +49,8 @@ from common import (
 )
 from fixtures import QWEN2_15B_CONFIG, data_length_stats, make_data, matmul_params
 
+COMPARE_PRESETS = ("qwen2-0.5b", "qwen2-1.5b")
+
 # Published MLX-LM LoRA training speeds (mlx-examples lora/README.md):
 PUBLISHED = [
     {"machine": "Apple M2 Ultra", "model": "Llama 7B (LoRA, 16 layers)", "tokens_per_s": 475,
@@ -60,18 +70,75 @@ def stage(name: str, args: list[str], timeout: float = 3600) -> dict:
     return {"wall_s": p.wall_s, "peak_rss_gib": p.peak_rss_mb / 1024, "command": p.command, **res}
 
 
+def compare_one(kind: str, model, data, iters: int) -> dict:
+    """One contender's DoRA steps at batch 1 x 512 (each in its own process: its own peak RSS)."""
+    from bench_train import TORCH
+
+    if kind == "ours":
+        adapter = WORK / "scale-compare-adapter"
+        shutil.rmtree(adapter, ignore_errors=True)
+        res = stage("train", [model, data, adapter, iters])
+        steps = [x["s"] for x in res.get("steps", [])]
+        rss, command = res["peak_rss_gib"] * 1024, res["command"]
+    else:
+        assert kind in TORCH
+        script = "trl_sft_train.py" if kind == "trl_sft" else "torch_peft_train.py"
+        cmd = [PY, str(ROOT / "bench" / script), "--model", str(model), "--data", str(data), "--batch-size", "1",
+               "--iters", str(iters), "--max-seq-length", "512"] + (["--head", "gather"] if kind == "torch_peft_gather" else [])
+        log(f"scale: {kind} ...")
+        p = run_measured(cmd, env=child_env(), timeout=7200).check()
+        steps = json.loads(p.stdout.strip().splitlines()[-1])["step_times"]
+        rss, command = p.peak_rss_mb, p.command
+        log(f"scale: {kind}: {p.wall_s:.1f} s, peak RSS {rss / 1024:.2f} GiB")
+    measured = steps[1:] or steps
+    s = sorted(measured)[len(measured) // 2]
+    return {"step_s": steps, "s_per_step": s, "best_s_per_step": min(measured), "tokens_per_s": 512 / s,
+            "peak_rss_gib": rss / 1024, "command": command}
+
+
+def train_comparison(preset: str, iters: int) -> dict:
+    """Ours vs every PyTorch contender on random float32 weights of ``preset``'s shape."""
+    from bench_train import CONTENDERS, TORCH, trl_available
+
+    model = WORK / f"{preset}-random-f32"
+    stage("build", [model, "F32", preset])
+    data = WORK / "data-512"
+    make_data(data, model, 512, n_rows=8)
+    (data / "valid.jsonl").unlink(missing_ok=True)
+    kinds = [k for k in CONTENDERS if k == "ours" or (k in TORCH and (k != "trl_sft" or trl_available()))]
+    runs = {k: compare_one(k, model, data, iters) for k in kinds}
+    torch_runs = {k: v for k, v in runs.items() if k in TORCH}
+    fastest = min(torch_runs, key=lambda k: torch_runs[k]["s_per_step"])
+    ratios = {"ours_vs_fastest_torch": {"median": runs["ours"]["tokens_per_s"] / torch_runs[fastest]["tokens_per_s"],
+                                        "best": torch_runs[fastest]["best_s_per_step"] / runs["ours"]["best_s_per_step"],
+                                        "fastest": fastest}}
+    return {"preset": preset, "batch_size": 1, "max_seq_length": 512, "iters": iters, "summary": runs, "ratios": ratios}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="skip (the scale bench is full-run only)")
     ap.add_argument("--train-iters", type=int, default=2)
     ap.add_argument("--gen-tokens", type=int, default=64)
     ap.add_argument("--keep", action="store_true", help="keep the ~15 GB of scale files in bench/work/")
+    ap.add_argument("--compare-iters", type=int, default=3, help="steps per contender in the training comparison")
+    ap.add_argument("--only-compare", action="store_true", help="only the training comparison (0.5B and 1.5B shapes)")
     a = ap.parse_args(argv)
     if a.quick:
         log("scale bench skipped under --quick (full run only: python bench/bench_scale.py)")
         return 0
 
     load0 = load_average()
+    comparison = {p: train_comparison(p, a.compare_iters) for p in COMPARE_PRESETS}
+    if not a.keep:
+        shutil.rmtree(WORK / "qwen2-0.5b-random-f32", ignore_errors=True)
+    if a.only_compare:
+        if not a.keep:
+            shutil.rmtree(WORK / "qwen2-1.5b-random-f32", ignore_errors=True)
+        path = write_result("scale_train", {"comparison": comparison, "load_note": quiet_note(load0, load_average()),
+                                            "command": "python bench/bench_scale.py --only-compare"})
+        log(f"wrote {path}")
+        return 0
     bf16, f32 = WORK / "qwen2-1.5b-random", WORK / "qwen2-1.5b-random-f32"
     adapter, hf = WORK / "scale-adapter", WORK / "scale-hf"
     f16, q4 = WORK / "scale-f16.gguf", WORK / "scale-q4_k_m.gguf"
@@ -134,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         "stages": stages,
         "sizes": sizes,
         "seed_run_estimate": est,
+        "train_comparison": comparison,
         "notes": ["training step on float32 weights (MLX CPU has no fast bf16 matmul)",
                   "HF export with verify=False", "peak RSS per stage process (os.wait4 ru_maxrss)"],
         "load_note": quiet_note(load0, load_average()),

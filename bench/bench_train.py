@@ -1,4 +1,4 @@
-"""Training throughput: finetune.py vs raw `python -m mlx_lm lora` vs PyTorch + PEFT (DoRA).
+"""Training throughput: finetune.py vs raw `python -m mlx_lm lora` vs the PyTorch stack (PEFT DoRA, TRL).
 
 Same Qwen2-shaped random model (bench/work/bench-model, float32), same data
 (every row longer than max_seq_length, so every batch is exactly
@@ -11,6 +11,14 @@ warm-up (MLX compiles, PyTorch allocates) and is left out of the medians.
 Raw `mlx_lm lora` runs as the seed runs it - a plain subprocess that never
 imports fishtune, so MLX uses the reference BLAS it bundles on Linux. It is
 ~20x slower per step, so it runs fewer steps (``--raw-iters``).
+
+The PyTorch contenders train on the same tokens as fishtune (the prompt's
+labels masked): ``torch_peft`` (transformers' loss over the full logits),
+``torch_peft_gather`` (the same loop, the output layer only at the loss
+positions) and ``trl_sft`` (TRL's ``SFTTrainer`` with a PEFT DoRA config and
+its default loss, which also skips the masked positions; needs
+``bench/requirements.txt``). ``ratios.ours_vs_fastest_torch`` compares ours
+with whichever of them is fastest in this run.
 
 Achieved model FLOP/s = 6 x N x tokens/s, N = parameters of every matmul a
 token goes through (all block linears + the tied lm_head, 151936 x hidden;
@@ -35,10 +43,16 @@ from common import (PY, ROOT, WORK, alternate, child_env, load_average, log, mat
                     ratio, run_measured, write_result)
 from fixtures import build_model, make_data, matmul_params
 
-CONTENDERS = ("ours", "mlx_lm_raw", "torch_peft", "torch_peft_dropout0")
-# Extra runs (first round only): raw mlx_lm is ~20x slower per step; PyTorch with lora_dropout 0
-# shows what PEFT's DoRA pays for dropout (it then runs every base linear a second time).
-ONCE = ("mlx_lm_raw", "torch_peft_dropout0")
+CONTENDERS = ("ours", "mlx_lm_raw", "torch_peft", "torch_peft_gather", "trl_sft")
+TORCH = ("torch_peft", "torch_peft_gather", "trl_sft")
+# Raw mlx_lm is ~20x slower per step: first round only.
+ONCE = ("mlx_lm_raw",)
+
+
+def trl_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("trl") is not None
 
 
 def write_config(path: Path) -> Path:
@@ -85,11 +99,12 @@ def parse_raw(stdout: str) -> list[float]:
 def run_one(kind: str, model: Path, data: Path, cfg: Path, b: int, iters: int, L: int, rep: int) -> dict:
     adapter = WORK / f"train-{kind}"
     shutil.rmtree(adapter, ignore_errors=True)
-    if kind.startswith("torch_peft"):
-        cmd = [PY, str(ROOT / "bench" / "torch_peft_train.py"), "--model", str(model), "--data", str(data),
+    if kind in TORCH:
+        script = "trl_sft_train.py" if kind == "trl_sft" else "torch_peft_train.py"
+        cmd = [PY, str(ROOT / "bench" / script), "--model", str(model), "--data", str(data),
                "--batch-size", str(b), "--iters", str(iters), "--max-seq-length", str(L)]
-        if kind == "torch_peft_dropout0":
-            cmd += ["--lora-dropout", "0"]
+        if kind == "torch_peft_gather":
+            cmd += ["--head", "gather"]
         p = run_measured(cmd, env=child_env(), timeout=3600).check()
         res = json.loads(p.stdout.strip().splitlines()[-1])
         steps = res["step_times"]
@@ -139,9 +154,18 @@ def summarize(runs: list[dict], kinds: list[str], tokens_per_step: int, params: 
             "command": rs[0]["command"],
         }
     ours = summary.get("ours", {})
-    ratios = {f"ours_vs_{k}": {"median": ratio(ours.get("tokens_per_s"), v["tokens_per_s"]),
-                               "best": ratio(ours.get("best_tokens_per_s"), v["best_tokens_per_s"])}
-              for k, v in summary.items() if k != "ours"}
+    ratios: dict = {f"ours_vs_{k}": {"median": ratio(ours.get("tokens_per_s"), v["tokens_per_s"]),
+                                     "best": ratio(ours.get("best_tokens_per_s"), v["best_tokens_per_s"])}
+                    for k, v in summary.items() if k != "ours"}
+    torch_runs = {k: v for k, v in summary.items() if k in TORCH}
+    if torch_runs:
+        fastest = min(torch_runs, key=lambda k: torch_runs[k]["s_per_step"])
+        best = min(torch_runs, key=lambda k: torch_runs[k]["best_s_per_step"])
+        ratios["ours_vs_fastest_torch"] = {
+            "median": ratio(ours.get("tokens_per_s"), torch_runs[fastest]["tokens_per_s"]),
+            "best": ratio(ours.get("best_tokens_per_s"), torch_runs[best]["best_tokens_per_s"]),
+            "fastest_by_median": fastest, "fastest_by_best": best,
+        }
     return summary, ratios
 
 
@@ -154,11 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--raw-iters", type=int, help="steps for raw mlx_lm (first one is warm-up)")
     ap.add_argument("--repeats", type=int, help="alternating runs of ours and PyTorch (default 3; --quick 1)")
     ap.add_argument("--raw-repeats", type=int, help="runs of raw mlx_lm (default 1: ~20x slower per step)")
-    ap.add_argument("--only", nargs="*", choices=CONTENDERS,
-                    help="contenders (default: all; --quick: without torch_peft_dropout0)")
+    ap.add_argument("--only", nargs="*", choices=CONTENDERS, help="contenders (default: all)")
     a = ap.parse_args(argv)
     if not a.only:
-        a.only = [c for c in CONTENDERS if not (a.quick and c == "torch_peft_dropout0")]
+        a.only = list(CONTENDERS)
+    if "trl_sft" in a.only and not trl_available():
+        log("trl is not installed (pip install -r bench/requirements.txt): skipping the trl_sft contender")
+        a.only = [c for c in a.only if c != "trl_sft"]
     b = a.batch_size or (1 if a.quick else 2)
     L = a.max_seq_length or (64 if a.quick else 128)
     iters = a.iters or (4 if a.quick else 5)
@@ -192,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
                      "raw_mlx_lm_iters": raw_iters, "repeats": repeats, "raw_mlx_lm_repeats": raw_repeats, "warmup_steps_excluded": 1,
                      "fine_tune_type": "dora", "rank": 8, "alpha": 16, "dropout": 0.05,
                      "targets": "q,k,v,o,gate,up,down of all 8 blocks", "optimizer": "AdamW lr 1e-4 wd 1e-4",
-                     "grad_checkpoint": True, "dtype": "float32"},
+                     "grad_checkpoint": True, "dtype": "float32",
+                     "loss": "answer tokens only (the prompt masked), every contender"},
         "model": {"path": "bench/work/bench-model", **{k: mcfg[k] for k in (
             "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
             "vocab_size")}, "matmul_params": params},

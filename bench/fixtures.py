@@ -4,8 +4,9 @@
   MLP 1536 - every row length a multiple of 256 so Q4_K_M applies to all
   matrices), real Qwen2 tokenizer and vocabulary (151936 rows, tied), random
   float32 weights with the smoke model's initialisation.
-* ``qwen2-1.5b`` model: Qwen/Qwen2-1.5B's exact config.json, random bfloat16
-  weights written tensor by tensor, row block by row block (bounded memory).
+* ``qwen2-1.5b`` / ``qwen2-0.5b`` models: Qwen/Qwen2-1.5B's / -0.5B's exact
+  config.json, random weights (bfloat16 as shipped, or float32 for training)
+  written tensor by tensor, row block by row block (bounded memory).
 * Training data: the project's data/train.jsonl when present (else generated
   fish-care rows), each row lengthened with following answers so that every
   row tokenizes to more than ``min_tokens`` tokens; with max_seq_length =
@@ -50,6 +51,17 @@ QWEN2_15B_CONFIG: dict[str, Any] = {
     "use_cache": True,
     "use_sliding_window": False,
     "vocab_size": 151936,
+}
+
+# Qwen/Qwen2-0.5B differs from 1.5B in these keys (https://huggingface.co/Qwen/Qwen2-0.5B/blob/main/config.json).
+QWEN2_05B_CONFIG: dict[str, Any] = {
+    **QWEN2_15B_CONFIG,
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "max_window_layers": 24,
+    "num_attention_heads": 14,
+    "num_hidden_layers": 24,
+    "num_key_value_heads": 2,
 }
 
 BENCH_DIMS = {
@@ -151,8 +163,8 @@ def build_model(out: Path, preset: str = "bench", dtype: str | None = None, seed
         cfg = smoke_config("k256")
         cfg.update(BENCH_DIMS, max_window_layers=BENCH_DIMS["num_hidden_layers"])
         dtype = dtype or "F32"
-    elif preset == "qwen2-1.5b":
-        cfg = dict(QWEN2_15B_CONFIG)
+    elif preset in ("qwen2-1.5b", "qwen2-0.5b"):
+        cfg = dict(QWEN2_15B_CONFIG if preset == "qwen2-1.5b" else QWEN2_05B_CONFIG)
         dtype = dtype or "BF16"
     else:
         raise ValueError(preset)

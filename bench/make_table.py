@@ -20,8 +20,9 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 NAMES = {
     "ours": "fishtune `finetune.py` (MLX + OpenBLAS)",
     "mlx_lm_raw": "raw `python -m mlx_lm lora` (MLX bundled BLAS)",
-    "torch_peft": "PyTorch + PEFT (`use_dora=True`)",
-    "torch_peft_dropout0": "PyTorch + PEFT, lora_dropout 0 (diagnostic)",
+    "torch_peft": "PyTorch + PEFT (`use_dora=True`), transformers' loss (full logits)",
+    "torch_peft_gather": "PyTorch + PEFT, output layer at the loss positions only",
+    "trl_sft": "TRL `SFTTrainer` + PEFT DoRA, default loss",
 }
 GEN_NAMES = {
     "ours": "fishtune (`fishtune.infer.generation`, MLX + OpenBLAS)",
@@ -65,7 +66,8 @@ def train_section(doc: dict) -> list[str]:
            f"DoRA rank {s['rank']}, alpha {s['alpha']}, dropout {s['dropout']}, {s['targets']}; {s['optimizer']}; "
            f"gradient checkpointing; batch {s['batch_size']} x {s['max_seq_length']} tokens (every row is longer, "
            f"so no padding); {s['iters']} steps ({s['raw_mlx_lm_iters']} for raw mlx_lm), first step excluded, "
-           f"median over {s['repeats']} alternating run(s) ({s.get('raw_mlx_lm_repeats', s['repeats'])} for raw mlx_lm and the diagnostic row). Data: {doc['data']['source']}.", "",
+           f"median over {s['repeats']} alternating run(s) ({s.get('raw_mlx_lm_repeats', s['repeats'])} for raw mlx_lm); "
+           f"loss: {s.get('loss', 'see the bench')}. Data: {doc['data']['source']}.", "",
            "| Contender | s/step (median) | tokens/s (median) | best step (s) | tokens/s (best step) | "
            "model GFLOP/s (best step) | % of f32 matmul peak (best) | peak RSS (MB) | ours / it (median; best) |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -84,6 +86,11 @@ def train_section(doc: dict) -> list[str]:
         pct = best_gf / peak * 100 if best_gf and peak else None
         out.append(f"| {NAMES.get(k, k)} | {f(v['s_per_step'], 2)} | {f(v['tokens_per_s'])} | {f(best_s, 2)} | "
                    f"{f(best_tps)} | {f(best_gf)} | {f(pct)}% | {f(v['peak_rss_mb'], 0)} | {rel} |")
+    fastest = doc["ratios"].get("ours_vs_fastest_torch")
+    if fastest:
+        out += ["", f"**Ours vs the fastest PyTorch contender** ({NAMES.get(fastest['fastest_by_median'], '')}): "
+                    f"{f(fastest['median'], 2)}x by median s/step, {f(fastest['best'], 2)}x by best step "
+                    f"(`ratios.ours_vs_fastest_torch`)."]
     pk = doc["matmul_peak_gflops"]
     out += ["", f"FLOP/s: {doc['flops_formula']} = {doc['model']['matmul_params']['total'] / 1e6:.1f} M "
                 f"({doc['model']['matmul_params']['lm_head'] / 1e6:.1f} M of it the tied lm_head).",

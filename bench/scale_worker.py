@@ -1,6 +1,7 @@
 """One stage of the Qwen2-1.5B-scale bench, in its own process (own peak RSS).
 
     python bench/scale_worker.py build  OUT_DIR DTYPE            # random Qwen2-1.5B weights, streamed
+    python bench/scale_worker.py build  OUT DTYPE [PRESET]         # random weights (qwen2-1.5b, qwen2-0.5b)
     python bench/scale_worker.py train  MODEL DATA ADAPTER ITERS  # DoRA, batch 1, 512 tokens, fishtune.train.trainer
     python bench/scale_worker.py export MODEL ADAPTER OUT         # fishtune.export.hf (verify off)
     python bench/scale_worker.py gguf   HF_DIR OUT.gguf           # fishtune.export.gguf_writer F16
@@ -26,7 +27,7 @@ def main() -> None:
     if what == "build":
         from fixtures import build_model
 
-        build_model(Path(args[0]), "qwen2-1.5b", dtype=args[1])
+        build_model(Path(args[0]), args[2] if len(args) > 2 else "qwen2-1.5b", dtype=args[1])
     elif what == "train":
         from fishtune.train.config import DEFAULT_CONFIG_PATH
         from fishtune.train.trainer import train_adapter

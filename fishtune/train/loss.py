@@ -13,7 +13,11 @@ whole batch:
 3. the log-sum-exp over the vocabulary is computed in chunks of
    ``VOCAB_CHUNK`` rows of the output matrix, with a custom VJP that
    recomputes each chunk's logits in the backward pass instead of keeping
-   them: only ``[positions x VOCAB_CHUNK]`` logits exist at any time;
+   them: only ``[positions x VOCAB_CHUNK]`` logits per stream exist at any
+   time. On MLX's CPU backend the chunks alternate between CPU streams (one
+   thread each), so the exp/sum work, which MLX runs on one thread per
+   stream, uses every core (measured: 0.83 -> 0.59 s for fwd+bwd over 160
+   positions on 2 cores, ``bench/README.md``);
 4. the target's logit is the dot product of the hidden state with the
    target's row of the output matrix.
 
@@ -27,9 +31,10 @@ output layer's own call on the gathered states.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 VOCAB_CHUNK = 16384  # rows of the output matrix per chunk: [positions x 16384] float32 logits at a time
+MAX_STREAMS = 4  # CPU streams the chunks alternate between (at most one per core)
 
 
 def output_layer(model: Any) -> tuple[Any, Any] | None:
@@ -53,17 +58,43 @@ def output_layer(model: Any) -> tuple[Any, Any] | None:
     return None
 
 
-def _chunks(n: int) -> range:
-    return range(0, n, VOCAB_CHUNK)
+def _streams() -> list[Any]:
+    """The streams the vocabulary chunks alternate between: one per core on the CPU, the default elsewhere."""
+    import os
+
+    import mlx.core as mx
+
+    if mx.default_device() != mx.cpu:
+        return [mx.default_stream(mx.default_device())]
+    n = max(1, min(os.cpu_count() or 1, MAX_STREAMS))
+    return [mx.default_stream(mx.cpu)] + [mx.new_stream(mx.cpu) for _ in range(n - 1)]
+
+
+def _chunks(w: Any, streams: list[Any]) -> Iterator[tuple[int, Any, Any]]:
+    """``(stream index, stream, rows of w)`` for each vocabulary chunk, round robin over the streams."""
+    for j, i in enumerate(range(0, w.shape[0], VOCAB_CHUNK)):
+        yield j % len(streams), streams[j % len(streams)], w[i : i + VOCAB_CHUNK]
+
+
+def _sum(parts: list[Any]) -> Any:
+    out = parts[0]
+    for p in parts[1:]:
+        out = out + p
+    return out
 
 
 def _make_logsumexp():
     import mlx.core as mx
 
+    streams = _streams()
+
     @mx.custom_function
     def logsumexp_rows(h, w):
         """``logsumexp(h @ w.T, axis=-1)`` without holding all the logits."""
-        parts = [mx.logsumexp(h @ w[i : i + VOCAB_CHUNK].T, axis=-1) for i in _chunks(w.shape[0])]
+        parts = []
+        for _, stream, wc in _chunks(w, streams):
+            with mx.stream(stream):
+                parts.append(mx.logsumexp(h @ wc.T, axis=-1))
         return mx.logsumexp(mx.stack(parts, axis=-1), axis=-1)
 
     @logsumexp_rows.vjp
@@ -72,12 +103,12 @@ def _make_logsumexp():
         # matrix is frozen (LoRA/DoRA; full fine-tuning trains the blocks), so
         # its cotangent is a lazy zero that nothing evaluates.
         h, w = primals
-        dh = None
-        for i in _chunks(w.shape[0]):
-            wc = w[i : i + VOCAB_CHUNK]
-            p = mx.exp(h @ wc.T - output[:, None]) * cotangent[:, None]
-            dh = p @ wc if dh is None else dh + p @ wc
-        return dh, mx.zeros_like(w)
+        acc: list[Any] = [None] * len(streams)
+        for k, stream, wc in _chunks(w, streams):
+            with mx.stream(stream):
+                d = (mx.exp(h @ wc.T - output[:, None]) * cotangent[:, None]) @ wc
+                acc[k] = d if acc[k] is None else acc[k] + d
+        return _sum([a for a in acc if a is not None]), mx.zeros_like(w)
 
     return logsumexp_rows
 
