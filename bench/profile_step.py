@@ -86,6 +86,7 @@ def step_fn(model, loss):
     def run(batch):
         mx.eval(step(batch), state)
 
+
     return run
 
 
@@ -175,11 +176,15 @@ def main(argv: list[str] | None = None) -> int:
         g = nn.value_and_grad(model, lambda m, x: (m.model(x) * r).sum())
         return lambda: mx.eval(g(model, batch[0][:, :-1]))
 
+    halves = _row_halves(ds, a.batch_size, a.max_seq_length)
     variants = {
-        "step_before": step_fn(copy.deepcopy(slow), full_logits_loss),
-        "step_gather_only": step_fn(copy.deepcopy(slow), partial(_gather_only, loss_mod)),
-        "step_gather_chunked": step_fn(copy.deepcopy(slow), loss_mod.masked_loss),
-        "step_after": step_fn(copy.deepcopy(fast), loss_mod.masked_loss),
+        "step_before": (step_fn(copy.deepcopy(slow), full_logits_loss), batch),
+        "step_gather_only": (step_fn(copy.deepcopy(slow), partial(_gather_only, loss_mod)), batch),
+        "step_gather_chunked_1_stream": (step_fn(copy.deepcopy(slow), partial(_one_stream, loss_mod)), batch),
+        "step_gather_chunked_recompute": (step_fn(copy.deepcopy(slow), partial(_recompute, loss_mod)), batch),
+        "step_gather_chunked": (step_fn(copy.deepcopy(slow), loss_mod.masked_loss), batch),
+        "step_after": (step_fn(copy.deepcopy(fast), loss_mod.masked_loss), batch),
+        "step_after_rows_on_2_streams": (step_fn(copy.deepcopy(fast), partial(_rows_on_streams, loss_mod)), halves),
     }
     runs: dict[str, list[float]] = {}
     parts = {
@@ -191,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     names = list(variants) + list(parts)
     for _rep, name in alternate(names, a.repeats):
-        fn = variants.get(name)
-        t = timed((lambda f=fn: f(batch)) if fn is not None else parts[name], 3)
+        fn, args = variants.get(name, (None, None))
+        t = timed((lambda f=fn, b=args: f(b)) if fn is not None else parts[name], 3)
         runs.setdefault(name, []).append(t)
         log(f"{name:24s} {t:.3f} s")
     summary = {k: {"median_s": median(v), "best_s": min(v)} for k, v in runs.items()}
@@ -215,6 +220,55 @@ def main(argv: list[str] | None = None) -> int:
         extra = f"  x{v['speedup_vs_before']:.2f}" if "speedup_vs_before" in v else ""
         log(f"{k:24s} median {v['median_s']:.3f} s  best {v['best_s']:.3f} s{extra}")
     return 0
+
+
+def _one_stream(loss_mod, model, *batch):
+    """The chunked loss with every vocabulary chunk on the default stream (one thread for the exp/sum work)."""
+    saved = loss_mod.MAX_STREAMS, dict(loss_mod._LOGSUMEXP)
+    loss_mod.MAX_STREAMS = 1
+    loss_mod._LOGSUMEXP.clear()
+    try:
+        return loss_mod.masked_loss(model, *batch)
+    finally:
+        loss_mod.MAX_STREAMS = saved[0]
+        loss_mod._LOGSUMEXP.clear()
+        loss_mod._LOGSUMEXP.update(saved[1])
+
+
+def _recompute(loss_mod, model, *batch):
+    """The chunked loss with the backward pass recomputing every chunk's logits (nothing kept)."""
+    saved = loss_mod.KEEP_PROBS_BYTES
+    loss_mod.KEEP_PROBS_BYTES = 0
+    try:
+        return loss_mod.masked_loss(model, *batch)
+    finally:
+        loss_mod.KEEP_PROBS_BYTES = saved
+
+
+def _row_halves(ds, batch_size: int, max_len: int):
+    """The step-1 batch as two half batches (for ``_rows_on_streams``), with the global denominator."""
+    from fishtune.train.batches import make_batch
+
+    rows = ds.batch_for_step(1)
+    parts = [make_batch(ds, rows, max_len, rank, 2) for rank in range(2)]
+    return (*parts[0][:3], *parts[1][:3], make_batch(ds, rows, max_len)[3])  # the whole batch's token count
+
+
+def _rows_on_streams(loss_mod, model, t0, p0, w0, t1, p1, w1, denom):
+    """Data parallel inside one process: each half of the batch on its own CPU stream (thread)."""
+    import mlx.core as mx
+
+    if not _STREAM:
+        _STREAM.append(mx.new_stream(mx.cpu))
+    streams = [mx.default_stream(mx.cpu), _STREAM[0]]
+    out = []
+    for s, (t, p, w) in zip(streams, ((t0, p0, w0), (t1, p1, w1))):
+        with mx.stream(s):
+            out.append(loss_mod.masked_loss(model, t, p, w, denom))
+    return out[0][0] + out[1][0], out[0][1] + out[1][1]
+
+
+_STREAM: list = []
 
 
 def _gather_only(loss_mod, model, tokens, positions, weights, denom=None):

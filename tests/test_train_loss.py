@@ -50,8 +50,10 @@ def _max_rel(a: dict, b: dict) -> float:
     return max(float(mx.abs(a[k] - b[k]).max() / (mx.abs(b[k]).max() + 1e-30)) for k in b)
 
 
-def test_loss_and_gradients_equal_the_full_logits_computation(dora_model, tiny_data_dir):
-    """Gathered hidden states + chunked log-sum-exp = full logits, loss and every gradient (relative 1e-5)."""
+@pytest.mark.parametrize("keep_bytes", [0, 2**40], ids=["recompute", "keep"])
+def test_loss_and_gradients_equal_the_full_logits_computation(dora_model, tiny_data_dir, keep_bytes):
+    """Gathered hidden states + chunked log-sum-exp = full logits, loss and every gradient (relative 1e-5),
+    with the chunk exps recomputed in the backward pass or kept from the forward pass."""
     from fishtune.fileio import read_jsonl
     from fishtune.train import loss as loss_mod
     from fishtune.train.batches import TokenDataset, make_batch
@@ -63,12 +65,13 @@ def test_loss_and_gradients_equal_the_full_logits_computation(dora_model, tiny_d
     ds = TokenDataset(exs, batch_size=3, seed=0)
     batch = make_batch(ds, ds.batch_for_step(1), 128)
     ref = _grads(model, full_logits_loss, batch[:3])
-    old_chunk = loss_mod.VOCAB_CHUNK
+    old = loss_mod.VOCAB_CHUNK, loss_mod.KEEP_PROBS_BYTES
     try:
         loss_mod.VOCAB_CHUNK = 5000  # several chunks over the vocabulary, an uneven last one
+        loss_mod.KEEP_PROBS_BYTES = keep_bytes
         got = _grads(model, loss_mod.masked_loss, batch[:3])
     finally:
-        loss_mod.VOCAB_CHUNK = old_chunk
+        loss_mod.VOCAB_CHUNK, loss_mod.KEEP_PROBS_BYTES = old
     assert got[1] == ref[1] == sum(exs[i].n_loss for i in ds.batch_for_step(1))
     assert got[0] == pytest.approx(ref[0], rel=1e-5)
     assert _max_rel(got[2], ref[2]) < 1e-5

@@ -14,7 +14,9 @@ whole batch:
    ``VOCAB_CHUNK`` rows of the output matrix, with a custom VJP that
    recomputes each chunk's logits in the backward pass instead of keeping
    them: only ``[positions x VOCAB_CHUNK]`` logits per stream exist at any
-   time. On MLX's CPU backend the chunks alternate between CPU streams (one
+   time (while ``[positions x vocab]`` floats fit in ``KEEP_PROBS_BYTES``,
+   the forward pass keeps its exps instead: one exp pass and one matmul
+   fewer). On MLX's CPU backend the chunks alternate between CPU streams (one
    thread each), so the exp/sum work, which MLX runs on one thread per
    stream, uses every core (measured: 0.83 -> 0.59 s for fwd+bwd over 160
    positions on 2 cores, ``bench/README.md``);
@@ -35,6 +37,11 @@ from typing import Any, Iterator
 
 VOCAB_CHUNK = 16384  # rows of the output matrix per chunk: [positions x 16384] float32 logits at a time
 MAX_STREAMS = 4  # CPU streams the chunks alternate between (at most one per core)
+# Up to this much, the forward pass keeps each chunk's exp for the backward pass (one exp pass and
+# one matmul fewer); beyond it, the backward pass recomputes them chunk by chunk. 512 MiB = 883
+# loss positions x 151936 float32: the seed run's batches (4 rows, ~600 answer tokens) keep, a
+# batch of four 1024-token answers recomputes. Either way far below the full logits of every token.
+KEEP_PROBS_BYTES = 512 * 2**20
 
 
 def output_layer(model: Any) -> tuple[Any, Any] | None:
@@ -113,14 +120,61 @@ def _make_logsumexp():
     return logsumexp_rows
 
 
-_LOGSUMEXP: list[Any] = []
+def _make_logsumexp_keeping():
+    """Like ``_make_logsumexp``, but the forward pass keeps each chunk's ``exp`` for the backward pass.
+
+    Half the exp work and one matmul fewer, for ``[positions x vocab]`` floats
+    of memory: used while that stays under ``KEEP_PROBS_BYTES``.
+    """
+    import mlx.core as mx
+
+    streams = _streams()
+
+    @mx.custom_function
+    def logsumexp_rows(h, w):
+        maxes, exps, sums = [], [], []
+        for _, stream, wc in _chunks(w, streams):
+            with mx.stream(stream):
+                logits = h @ wc.T
+                m = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
+                e = mx.exp(logits - m)
+                maxes.append(m)
+                exps.append(e)
+                sums.append(e.sum(axis=-1, keepdims=True))
+        top = maxes[0]
+        for m in maxes[1:]:
+            top = mx.maximum(top, m)
+        lse = top + mx.log(_sum([s * mx.exp(m - top) for s, m in zip(sums, maxes)]))
+        # softmax of chunk c = exps[c] * scales[c]; returned so the VJP can reuse them
+        return (lse[:, 0], *exps, *[mx.exp(m - lse) for m in maxes])
+
+    @logsumexp_rows.vjp
+    def logsumexp_rows_vjp(primals, cotangents, outputs):
+        h, w = primals
+        n = (len(outputs) - 1) // 2
+        exps, scales = outputs[1 : 1 + n], outputs[1 + n :]
+        g = cotangents[0][:, None]
+        acc: list[Any] = [None] * len(streams)
+        for (j, stream, wc), e, c in zip(_chunks(w, streams), exps, scales):
+            with mx.stream(stream):
+                d = (e * (c * g)) @ wc
+                acc[j] = d if acc[j] is None else acc[j] + d
+        return _sum([a for a in acc if a is not None]), mx.zeros_like(w)
+
+    return logsumexp_rows
+
+
+_LOGSUMEXP: dict[str, Any] = {}
 
 
 def chunked_cross_entropy(h: Any, w: Any, targets: Any) -> Any:
     """Per-position cross-entropy of ``h @ w.T`` against ``targets``, over the vocabulary in chunks."""
-    if not _LOGSUMEXP:
-        _LOGSUMEXP.append(_make_logsumexp())
-    return _LOGSUMEXP[0](h, w) - (h * w[targets]).sum(axis=-1)
+    keep = h.shape[0] * w.shape[0] * 4 <= KEEP_PROBS_BYTES  # shapes are static inside mx.compile
+    kind = "keep" if keep else "recompute"
+    if kind not in _LOGSUMEXP:
+        _LOGSUMEXP[kind] = _make_logsumexp_keeping() if keep else _make_logsumexp()
+    lse = _LOGSUMEXP[kind](h, w)
+    return (lse[0] if keep else lse) - (h * w[targets]).sum(axis=-1)
 
 
 def masked_loss(model: Any, tokens: Any, positions: Any, weights: Any, denom: Any = None):
