@@ -115,6 +115,35 @@ def train_comparison(preset: str, iters: int) -> dict:
     return {"preset": preset, "batch_size": 1, "max_seq_length": 512, "iters": iters, "summary": runs, "ratios": ratios}
 
 
+def seed_run_estimate(stages: dict) -> dict:
+    """The seed's 40-iteration run on this machine, from the fastest measured 1.5B step, and from published figures."""
+    steps = stages["train"].get("steps", [])
+    # The fastest measured step: the one least disturbed by other load (each is 512 tokens).
+    best_s = min((x["s"] for x in steps), default=None)
+    tok_s = 512 / best_s if best_s else None
+    lens = data_length_stats(1024)
+    mean_len = lens["mean_tokens"] if lens else 512.0
+    seed_tokens = 40 * 4 * mean_len
+    params = matmul_params(QWEN2_15B_CONFIG)["total"]
+    est = {
+        "seed_run": "40 iterations x batch 4 (grad accumulation 2 = 20 updates), max_seq_length 1024",
+        "data": lens or "no train split: assumed 512 tokens per row",
+        "tokens": seed_tokens,
+        "this_machine_float32_s": seed_tokens / tok_s if tok_s else None,
+        "this_machine_tokens_per_s": tok_s,
+        "this_machine_note": "float32 weights, MLX on OpenBLAS, tokens/s of the fastest measured 512-token step; "
+                             "padding to the batch's longest row adds more",
+        "published": [],
+    }
+    for p in PUBLISHED:
+        # FLOP-proportional extrapolation from the 7B figure to 1.5B (same tokens, ~6.7B/1.54B fewer FLOPs).
+        scaled = p["tokens_per_s"] * SEVEN_B_PARAMS / params
+        est["published"].append({**p, "qwen2_1.5b_tokens_per_s_estimate": scaled,
+                                 "seed_run_s_estimate": seed_tokens / scaled})
+    est["extrapolation"] = "published 7B tokens/s x (6.7e9 / 1.54e9 matmul parameters); an estimate, not a measurement"
+    return est
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="skip (the scale bench is full-run only)")
@@ -123,11 +152,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the ~15 GB of scale files in bench/work/")
     ap.add_argument("--compare-iters", type=int, default=3, help="steps per contender in the training comparison")
     ap.add_argument("--only-compare", action="store_true", help="only the training comparison (0.5B and 1.5B shapes)")
+    ap.add_argument("--estimate-only", action="store_true",
+                    help="recompute the seed-run estimate of bench/results/scale.json from its measured steps")
     a = ap.parse_args(argv)
     if a.quick:
         log("scale bench skipped under --quick (full run only: python bench/bench_scale.py)")
         return 0
 
+    if a.estimate_only:
+        from common import RESULTS
+
+        doc = json.loads((RESULTS / "scale.json").read_text(encoding="utf-8"))
+        doc["seed_run_estimate"] = seed_run_estimate(doc["stages"])
+        from fishtune.fileio import atomic_write_json
+
+        atomic_write_json(RESULTS / "scale.json", doc)
+        log(f"seed-run estimate: {doc['seed_run_estimate']['this_machine_float32_s'] / 60:.1f} min")
+        return 0
     load0 = load_average()
     comparison = {p: train_comparison(p, a.compare_iters) for p in COMPARE_PRESETS}
     if not a.keep:
@@ -164,31 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = {"bf16_safetensors_gb": (bf16 / "model.safetensors").stat().st_size / 1e9,
              "f16_gguf_gb": f16.stat().st_size / 1e9, "q4_k_m_gguf_gb": q4.stat().st_size / 1e9}
 
-    # ---- the seed run's estimate -------------------------------------------
-    steps = stages["train"].get("steps", [])
-    # The fastest measured step: the one least disturbed by other load (each is 512 tokens).
-    best_s = min((x["s"] for x in steps), default=None)
-    tok_s = 512 / best_s if best_s else None
-    lens = data_length_stats(1024)
-    mean_len = lens["mean_tokens"] if lens else 512.0
-    seed_tokens = 40 * 4 * mean_len
-    params = matmul_params(QWEN2_15B_CONFIG)["total"]
-    est = {
-        "seed_run": "40 iterations x batch 4 (grad accumulation 2 = 20 updates), max_seq_length 1024",
-        "data": lens or "data/train.jsonl absent: assumed 512 tokens per row",
-        "tokens": seed_tokens,
-        "this_machine_float32_s": seed_tokens / tok_s if tok_s else None,
-        "this_machine_tokens_per_s": tok_s,
-        "this_machine_note": "float32 weights, MLX on OpenBLAS, tokens/s of the fastest measured 512-token step; "
-                             "padding to the batch's longest row adds more",
-        "published": [],
-    }
-    for p in PUBLISHED:
-        # FLOP-proportional extrapolation from the 7B figure to 1.5B (same tokens, ~6.7B/1.54B fewer FLOPs).
-        scaled = p["tokens_per_s"] * SEVEN_B_PARAMS / params
-        est["published"].append({**p, "qwen2_1.5b_tokens_per_s_estimate": scaled,
-                                 "seed_run_s_estimate": seed_tokens / scaled})
-    est["extrapolation"] = "published 7B tokens/s x (6.7e9 / 1.54e9 matmul parameters); an estimate, not a measurement"
+    est = seed_run_estimate(stages)
     if not a.keep:
         for p in (f32, hf, f16):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
@@ -197,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": "random weights, Qwen/Qwen2-1.5B config.json (hidden 1536, 28 layers, 12 heads, 2 KV heads, "
                  "MLP 8960, vocab 151936, tied, rope_theta 1e6)",
         "config": QWEN2_15B_CONFIG,
-        "matmul_params": params,
+        "matmul_params": matmul_params(QWEN2_15B_CONFIG)["total"],
         "stages": stages,
         "sizes": sizes,
         "seed_run_estimate": est,

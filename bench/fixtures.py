@@ -243,11 +243,21 @@ def make_data(out: Path, tokenizer_dir: Path, min_tokens: int, n_rows: int = 64)
             else "generated fish-care rows (data/train.jsonl absent)", "rows": n_rows, "min_tokens": min_tokens}
 
 
-def data_length_stats(max_seq_length: int = 1024) -> dict[str, Any] | None:
-    """Token lengths of the project's real data/train.jsonl (for the seed-run estimate)."""
+def seed_train_split() -> Path:
+    """The train split of the project's data set: data/train.jsonl, else process_data.py's split of it in bench/work/."""
     p = ROOT / "data" / "train.jsonl"
-    if not p.is_file():
-        return None
+    if p.is_file():
+        return p
+    from fishtune.data import DataOptions, run_pipeline
+
+    out = WORK / "data-seed"
+    run_pipeline(DataOptions(input=ROOT / "data" / "fish_care_dataset.json", output_dir=out, force=True))
+    return out / "train.jsonl"
+
+
+def data_length_stats(max_seq_length: int = 1024) -> dict[str, Any] | None:
+    """Token lengths of the project's real train split (for the seed-run estimate)."""
+    p = seed_train_split()
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(WORK / "bench-model"))
@@ -258,7 +268,8 @@ def data_length_stats(max_seq_length: int = 1024) -> dict[str, Any] | None:
             lens.append(min(len(tok.encode(t)) + 1, max_seq_length))
     if not lens:
         return None
-    return {"rows": len(lens), "mean_tokens": float(np.mean(lens)), "max_tokens": int(max(lens))}
+    return {"rows": len(lens), "mean_tokens": float(np.mean(lens)), "max_tokens": int(max(lens)),
+            "file": str(p.relative_to(ROOT))}
 
 
 if __name__ == "__main__":  # python bench/fixtures.py [bench|qwen2-1.5b]

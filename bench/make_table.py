@@ -126,12 +126,38 @@ def serve_section(doc: dict) -> list[str]:
     out = [f"### Serving ({doc['date']}{', --quick' if doc.get('quick') else ''})", "",
            f"`{doc['command']}` - {doc['load_note']}.", "",
            f"Server: `{doc['server_command']}` ({s['backend']}); {s['endpoint']}, {s['sampling']}, "
-           f"max_tokens {s['max_tokens']}; server peak RSS {f(doc.get('server_peak_rss_mb'), 0)} MB.", "",
-           "| clients | requests | req/s | generated tok/s | p50 latency (s) | p95 latency (s) | errors |",
-           "|---:|---:|---:|---:|---:|---:|---:|"]
+           f"max_tokens {s['max_tokens']}; server peak RSS {f(doc.get('server_peak_rss_mb'), 0)} MB.", ""]
+    other = {lv["clients"]: lv for lv in (doc.get("mlx_lm_server") or {}).get("levels", [])}
+    out += ["| clients | requests | generated tok/s | TTFT p50 / p95 (s) | latency p50 / p95 (s) | errors | "
+            "mlx_lm.server tok/s | mlx_lm.server latency p50 / p95 (s) |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for lv in doc["levels"]:
-        out.append(f"| {lv['clients']} | {lv['completed']}/{lv['requests']} | {f(lv['requests_per_s'], 2)} | "
-                   f"{f(lv['gen_tokens_per_s'])} | {f(lv['latency_p50_s'], 2)} | {f(lv['latency_p95_s'], 2)} | {lv['errors']} |")
+        o = other.get(lv["clients"], {})
+        out.append(f"| {lv['clients']} | {lv['completed']}/{lv['requests']} | {f(lv['gen_tokens_per_s'])} | "
+                   f"{f(lv.get('ttft_p50_s'), 2)} / {f(lv.get('ttft_p95_s'), 2)} | "
+                   f"{f(lv['latency_p50_s'], 2)} / {f(lv['latency_p95_s'], 2)} | {lv['errors']} | "
+                   f"{f(o.get('gen_tokens_per_s'))} | {f(o.get('latency_p50_s'), 2)} / {f(o.get('latency_p95_s'), 2)} |")
+    r = doc.get("ratios", {})
+    out += ["", f"`ratios.clients16_vs_1` = {f(r.get('clients16_vs_1'), 2)}, "
+                f"`ratios.ours_vs_mlx_lm_server_16` = {f(r.get('ours_vs_mlx_lm_server_16'), 2)}."]
+    if doc.get("mlx_lm_server"):
+        out.append(f"mlx_lm.server: `{doc['mlx_lm_server']['command']}`.")
+    return out
+
+
+def train_comparison_section(comparison: dict) -> list[str]:
+    out = ["", "Training against the PyTorch stack at the real shapes (random float32 weights, batch 1 x 512 tokens, "
+               "DoRA rank 8 on every linear, the prompt masked, first step excluded):", "",
+           "| shape | contender | s/step | tokens/s | peak RSS (GiB) | ours / it |", "|---|---|---:|---:|---:|---:|"]
+    for preset, c in comparison.items():
+        ours = c["summary"]["ours"]
+        for k, v in c["summary"].items():
+            rel = "1.00x" if k == "ours" else f"{ours['tokens_per_s'] / v['tokens_per_s']:.2f}x"
+            out.append(f"| {preset} | {NAMES.get(k, k)} | {f(v['s_per_step'], 1)} | {f(v['tokens_per_s'], 1)} | "
+                       f"{f(v['peak_rss_gib'], 2)} | {rel} |")
+        r = c["ratios"]["ours_vs_fastest_torch"]
+        out.append(f"| {preset} | **ours vs the fastest PyTorch contender ({NAMES.get(r['fastest'], r['fastest'])})** | | | | "
+                   f"**{f(r['median'], 2)}x** |")
     return out
 
 
@@ -177,6 +203,8 @@ def scale_section(doc: dict) -> list[str]:
         out.append(f"- {p['machine']}: published {p['tokens_per_s']} tok/s on {p['model']} ({p['source']}) -> "
                    f"~{p['qwen2_1.5b_tokens_per_s_estimate']:.0f} tok/s at 1.5B -> ~{p['seed_run_s_estimate'] / 60:.1f} min")
     out += [f"- ({e['extrapolation']})"]
+    if doc.get("train_comparison"):
+        out += train_comparison_section(doc["train_comparison"])
     return out
 
 

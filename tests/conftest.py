@@ -214,3 +214,95 @@ def sse_events(resp: requests.Response) -> list:
             data = line[len("data: "):]
             out.append(data if data == "[DONE]" else json.loads(data))
     return out
+
+
+# ---- helpers for the server tests (test_server_*.py) ------------------------------------
+
+
+def wait_for(check, timeout_s: float = 60.0, interval_s: float = 0.2):
+    """Poll ``check()`` until it returns something truthy (returned) or ``timeout_s`` passes (AssertionError)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout_s} s: {check}")
+        time.sleep(interval_s)
+
+
+def health(url: str) -> dict:
+    return requests.get(url + "/api/health", timeout=30).json()
+
+
+def raw_post(port: int, path: str, body: bytes, headers: dict[str, str] | None = None,
+             timeout_s: float = 60.0) -> socket.socket:
+    """A POST written on a plain socket (the caller reads or closes it: a client that may go away)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout_s)
+    head = {"Host": f"127.0.0.1:{port}", "Content-Type": "application/json", "Content-Length": str(len(body)),
+            **(headers or {})}
+    sock.sendall(f"POST {path} HTTP/1.1\r\n".encode() + "".join(f"{k}: {v}\r\n" for k, v in head.items()).encode()
+                 + b"\r\n" + body)
+    return sock
+
+
+# A request whose answer outlasts any test step: on the smoke model with the server adapter, the greedy
+# answer to this question repeats one token for all 4000 tokens (no stop string, no end token); a sampled
+# answer may end after a few dozen tokens.
+LONG_ANSWER = {"message": "讲一个很长很长的故事", "max_tokens": 4000, "temperature": 0}
+
+
+def start_mlx_server(smoke_model_dir: Path, tiny_data_dir: Path, folder: Path, *args) -> ServerProcess:
+    """server.py on the smoke model + the shared DoRA adapter, conversations in ``folder``/data, log in ``folder``."""
+    adapter = server_adapter(smoke_model_dir, tiny_data_dir)
+    return ServerProcess(["--model", smoke_model_dir, "--adapter-path", adapter, "--data-dir", folder / "data", *args],
+                         folder / "server.log")
+
+
+def turn_messages(questions: list[str], answers: list[str]) -> list[dict]:
+    """A history as /api/history shows it: user and assistant messages, turn by turn."""
+    out: list[dict] = []
+    for q, a in zip(questions, answers):
+        out += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    return out
+
+
+def chat_client(url: str, i: int, results: dict, errors: list, max_tokens: int | None) -> None:
+    """Client ``i`` of a load test: 2 turns in its own session (streamed and not, alternating), then its history."""
+    s = requests.Session()
+    extra = {} if max_tokens is None else {"max_tokens": max_tokens}
+    try:
+        questions = [f"第{i}号客户的问题{t}：鱼缸{i}号怎么换水？" for t in (1, 2)]
+        answers = []
+        for q in questions:
+            r = s.post(url + "/api/chat", json={"message": q, "stream": (i + len(answers)) % 2 == 0, **extra},
+                       timeout=300, stream=True)
+            if r.status_code != 200:
+                errors.append(f"client {i}: HTTP {r.status_code} {r.text}")
+                return
+            if r.headers["Content-Type"].startswith("text/event-stream"):
+                answers.append("".join(e.get("delta", "") for e in sse_events(r)))
+            else:
+                answers.append(r.json()["response"])
+        hist = s.get(url + "/api/history", timeout=60).json()["messages"]
+        results[i] = {"expected": turn_messages(questions, answers), "history": hist}
+    except Exception as exc:  # collected and asserted by the caller
+        errors.append(f"client {i}: {type(exc).__name__}: {exc}")
+
+
+def check_load(url: str, n_clients: int, max_tokens: int | None = None) -> None:
+    """``n_clients`` x 2 turns at once (loopback, bounded): no errors, each history holds only its own turns."""
+    import threading
+
+    results: dict[int, dict] = {}
+    errors: list[str] = []
+    threads = [threading.Thread(target=chat_client, args=(url, i, results, errors, max_tokens))
+               for i in range(n_clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not errors, errors
+    assert sorted(results) == list(range(n_clients))
+    for i, res in results.items():
+        assert res["history"] == res["expected"], f"client {i} sees another history"

@@ -10,8 +10,10 @@ Speaks ``POST /api/chat`` like Ollama: ``"stream": true`` (Ollama's default)
 
 The answer is a deterministic function of the request so tests can tell
 sessions apart: ``答：<last user message>（第N轮）`` where N counts the user
-messages, or a fixed reply per model name (``replies``). Every request body
-is recorded in ``requests``.
+messages, or a fixed reply per model name (``replies``). A model named in
+``failing`` breaks off a streamed answer after its first piece with an
+``{"error": ...}`` line, as Ollama does when generation fails. Every request
+body is recorded in ``requests``.
 
     python tests/fake_ollama.py --port 11434      # by hand
 """
@@ -33,8 +35,10 @@ def default_reply(messages: list[dict[str, Any]]) -> str:
 
 class FakeOllama:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, models: tuple[str, ...] = ("fish-care-assistant",),
-                 replies: dict[str, str] | None = None, piece_chars: int = 2, delay_s: float = 0.01):
-        self.models = set(models) | set(replies or {})
+                 replies: dict[str, str] | None = None, piece_chars: int = 2, delay_s: float = 0.01,
+                 failing: tuple[str, ...] = ()):
+        self.models = set(models) | set(replies or {}) | set(failing)
+        self.failing = set(failing)
         self.replies = dict(replies or {})
         self.piece_chars = piece_chars
         self.delay_s = delay_s
@@ -105,8 +109,12 @@ class FakeOllama:
                         self._chunk({"model": body.get("model"), "created_at": _now(),
                                      "message": {"role": "assistant", "content": text[i:i + fake.piece_chars]},
                                      "done": False})
+                        if model in fake.failing:
+                            self._chunk({"error": "fake failure: the model runner stopped"})
+                            break
                         time.sleep(fake.delay_s)
-                    self._chunk({**final, "message": {"role": "assistant", "content": ""}})
+                    else:
+                        self._chunk({**final, "message": {"role": "assistant", "content": ""}})
                     self.wfile.write(b"0\r\n\r\n")
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client stopped reading: Ollama stops generating too

@@ -27,8 +27,9 @@ def fake():
 
 @pytest.fixture(scope="module")
 def ollama_server(fake, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ollama")
     srv = ServerProcess(["--ollama", "fish-care-assistant", "--ollama-url", fake.url, "--max-tokens", "64",
-                         "--temperature", "0.2"], tmp_path_factory.mktemp("ollama") / "server.log")
+                         "--temperature", "0.2", "--data-dir", folder / "data"], folder / "server.log")
     yield srv
     srv.stop()
 
@@ -70,7 +71,7 @@ def test_ollama_streamed_ndjson_to_sse(ollama_server, fake):
 
 
 def test_ollama_openai_compatible(ollama_server):
-    body = {"model": "x", "messages": [{"role": "user", "content": "你好"}]}
+    body = {"model": "fish-care-assistant", "messages": [{"role": "user", "content": "你好"}]}
     r = requests.post(ollama_server.url + "/v1/chat/completions", json=body, timeout=30).json()
     assert r["choices"][0]["message"]["content"] == "答：你好（第1轮）"
     events = sse_events(requests.post(ollama_server.url + "/v1/chat/completions", json={**body, "stream": True},
@@ -82,7 +83,7 @@ def test_ollama_openai_compatible(ollama_server):
 
 def test_ollama_not_running_is_a_clear_503(tmp_path):
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    srv = ServerProcess(["--ollama", "fish-care-assistant", "--ollama-url", dead], tmp_path / "server.log")
+    srv = ServerProcess(["--ollama", "fish-care-assistant", "--ollama-url", dead, "--no-persist"], tmp_path / "server.log")
     try:
         assert f"can't reach Ollama at {dead}" in srv.log()  # warned at start, serves anyway
         h = requests.get(srv.url + "/api/health", timeout=10).json()
@@ -94,14 +95,14 @@ def test_ollama_not_running_is_a_clear_503(tmp_path):
             assert f"can't reach Ollama at {dead}" in err and "is Ollama running? start it with `ollama serve`" in err
         r = requests.post(srv.url + "/v1/chat/completions",
                           json={"messages": [{"role": "user", "content": "hi"}], "stream": True}, timeout=30)
-        assert r.status_code == 503 and "ollama serve" in r.json()["error"]
+        assert r.status_code == 503 and "ollama serve" in r.json()["error"]["message"]
         assert "Traceback" not in srv.log()
     finally:
         srv.stop()
 
 
 def test_ollama_unknown_model_says_how_to_create_it(fake, tmp_path):
-    srv = ServerProcess(["--ollama", "no-such-model", "--ollama-url", fake.url], tmp_path / "server.log")
+    srv = ServerProcess(["--ollama", "no-such-model", "--ollama-url", fake.url, "--no-persist"], tmp_path / "server.log")
     try:
         assert "has no model 'no-such-model'" in requests.get(srv.url + "/api/health", timeout=10).json()["detail"]
         r = requests.post(srv.url + "/api/chat", json={"message": "你好"}, timeout=30)
@@ -117,7 +118,8 @@ def test_ollama_web_chat_wrapper(fake, tmp_path):
 
     args = ollama_build_parser().parse_args([])
     assert args.port == 5000 and args.host == "127.0.0.1"  # the seed's port
-    srv = ServerProcess(["--ollama-url", fake.url], tmp_path / "server.log", script="ollama-web-chat.py")
+    srv = ServerProcess(["--ollama-url", fake.url, "--data-dir", tmp_path / "data"], tmp_path / "server.log",
+                        script="ollama-web-chat.py")
     try:
         h = requests.get(srv.url + "/api/health", timeout=10).json()
         assert h["backend"] == "ollama" and h["model"] == "fish-care-assistant"
@@ -145,11 +147,11 @@ def gguf_file(smoke_model_dir, tmp_path_factory):
 
 
 def test_gguf_server_page_and_api(gguf_file, tmp_path):
-    srv = ServerProcess(["--gguf", gguf_file, "--max-tokens", "8", "--temperature", "0", "--n-ctx", "512"],
-                        tmp_path / "server.log")
+    srv = ServerProcess(["--gguf", gguf_file, "--max-tokens", "8", "--temperature", "0", "--n-ctx", "512",
+                         "--data-dir", tmp_path / "data"], tmp_path / "server.log")
     try:
         h = requests.get(srv.url + "/api/health", timeout=10).json()
-        assert h["backend"] == "llama.cpp" and h["model"] == str(gguf_file) and h["template"] == "alpaca"
+        assert h["backend"] == "llama.cpp" and h["model"] == gguf_file.name and h["template"] == "alpaca"
         assert "template from the GGUF metadata" in srv.log()
         assert "鱼病护理助手" in requests.get(srv.url + "/", timeout=10).text
         s = requests.Session()
@@ -182,8 +184,8 @@ def test_quantized_gguf_server(gguf_file, tmp_path):
 
     q4 = tmp_path / "smoke-q4_k_m.gguf"
     quantize(gguf_file, q4, "Q4_K_M", nthread=2)
-    srv = ServerProcess(["--gguf", q4, "--max-tokens", "6", "--temperature", "0", "--n-ctx", "512"],
-                        tmp_path / "server.log")
+    srv = ServerProcess(["--gguf", q4, "--max-tokens", "6", "--temperature", "0", "--n-ctx", "512",
+                         "--data-dir", tmp_path / "data"], tmp_path / "server.log")
     try:
         s = requests.Session()
         r = s.post(srv.url + "/api/chat", json={"message": "鱼缸水发白怎么办？请详细说说原因和处理办法。"}, timeout=60)

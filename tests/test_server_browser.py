@@ -36,8 +36,9 @@ def browser():
 @pytest.fixture(scope="module")
 def mlx_server(smoke_model_dir, tiny_data_dir, tmp_path_factory):
     adapter = server_adapter(smoke_model_dir, tiny_data_dir)
-    srv = ServerProcess(["--model", smoke_model_dir, "--adapter-path", adapter, "--max-tokens", "16", "--seed", "3"],
-                        tmp_path_factory.mktemp("browser") / "server.log")
+    folder = tmp_path_factory.mktemp("browser")
+    srv = ServerProcess(["--model", smoke_model_dir, "--adapter-path", adapter, "--max-tokens", "16", "--seed", "3",
+                         "--data-dir", folder / "data"], folder / "server.log")
     yield srv
     srv.stop()
 
@@ -137,7 +138,7 @@ def test_phone_width_screenshot(browser, mlx_server):
 def test_model_output_html_is_text(browser, tmp_path):
     """The model 'answers' with HTML (fake Ollama behind the real server): shown as text, nothing runs."""
     with FakeOllama(replies={"xss-model": MODEL_HTML}) as fake:
-        srv = ServerProcess(["--ollama", "xss-model", "--ollama-url", fake.url], tmp_path / "server.log")
+        srv = ServerProcess(["--ollama", "xss-model", "--ollama-url", fake.url, "--no-persist"], tmp_path / "server.log")
         try:
             context, page, errors = open_page(browser, srv.url)
             ask(page, "换水要注意什么？")

@@ -93,7 +93,7 @@ class ChatSession:
         ensure_utf8(question, "the question")
         turns = list(self.turns)
         if self.max_turns is not None:
-            turns = turns[len(turns) - self.max_turns:] if self.max_turns else []
+            turns = turns[-self.max_turns:] if self.max_turns else []  # the newest max_turns (all when fewer)
         dropped = len(self.turns) - len(turns)
         prompt = self._render(turns, question)
         while turns and self.count_tokens(prompt) > self.max_context_tokens:

@@ -1,22 +1,27 @@
 """Generation back ends for the web server, behind one small interface.
 
 * :class:`MLXBackend`: base model + adapter through :mod:`fishtune.loading`
-  and :mod:`fishtune.infer.generation` (the fine-tuned model as trained).
+  (the fine-tuned model as trained), concurrent requests decoded together
+  by one scheduler thread (:mod:`fishtune.serve.batching`).
 * :class:`LlamaCppBackend`: a GGUF file through llama.cpp
   (:mod:`fishtune.export.llama_cpp`), prompted with the project template
   that :mod:`fishtune.export.gguf_meta` finds for it (GGUF metadata, the
-  Modelfile or ``fishtune.json`` next to it, or the default).
+  Modelfile or ``fishtune.json`` next to it, or the default); one request
+  at a time (``serialize``).
 * :class:`OllamaBackend`: a running Ollama, through its ``/api/chat`` over
   plain HTTP (``requests``), streamed NDJSON or one JSON answer; Ollama
-  applies the Modelfile's TEMPLATE/SYSTEM itself.
+  applies the Modelfile's TEMPLATE/SYSTEM itself and queues requests.
 
 Every back end takes chat messages (``[{"role", "content"}, ...]``, an
 optional system message first) and yields
 :class:`fishtune.infer.generation.GenerationChunk` s from a generator: text
 pieces, the last one with ``finish_reason`` and token counts. ``cancel`` (a
-``threading.Event``) or closing the generator stops generation early.
-``serialize`` says whether requests must take turns (the model's state is
-not thread-safe); :class:`fishtune.serve.streaming.Generation` keeps that gate.
+``threading.Event``) or closing the generator stops generation early;
+``stop`` adds stop strings to the template's. ``serialize`` says whether
+requests must take turns (the model's state is not thread-safe);
+:class:`fishtune.serve.streaming.Generation` keeps that gate. The prompt
+budget (:meth:`Backend.fit_prompt`) is checked before generation starts, so
+an over-long prompt is a 400 on every endpoint.
 """
 from __future__ import annotations
 
@@ -42,25 +47,16 @@ from fishtune.infer.generation import (
     SamplingConfig,
     StopStringFilter,
     collect,
-    stream_generate,
+    encode_prompt,
+    ensure_utf8,
 )
+from fishtune.serve.batching import BatchJob, BatchScheduler
+from fishtune.serve.errors import BackendError, BackendUnavailable
 from fishtune.template import PromptTemplate, check_messages, get_template
 
 logger = logging.getLogger(__name__)
 
 Messages = Sequence[dict]
-
-
-class BackendError(Exception):
-    """The back end failed to answer (HTTP 502); the message is shown to the user."""
-
-    status = 502
-
-
-class BackendUnavailable(BackendError):
-    """The back end can't be reached at all (HTTP 503), e.g. Ollama isn't running."""
-
-    status = 503
 
 
 class Backend:
@@ -70,7 +66,9 @@ class Backend:
     template: PromptTemplate
     system_prompt: str | None = None
     tokenizer: Any = None  # has .encode(text) -> ids, for the chat history's token budget; None: count chars
-    context_tokens: int = 2048  # prompt budget for the history
+    context_tokens: int = 2048  # prompt budget (the history is cut to it; a longer prompt is refused)
+    model_context: int | None = None  # the model's context in tokens (prompt + answer), None: unknown
+    vocab_size: int | None = None  # top_k must stay below it; None: unknown
     serialize = True  # generation must run one request at a time (model state isn't thread-safe)
 
     @property
@@ -78,25 +76,40 @@ class Backend:
         raise NotImplementedError
 
     def info(self) -> dict[str, Any]:
-        """What ``/api/health`` shows about the back end."""
+        """What ``/api/health`` shows about the back end (file and folder names, never absolute paths)."""
         return {"backend": self.kind, "model": self.model_name, "adapter": None, "template": self.template.name}
 
     def check(self) -> str | None:
         """None when the back end can answer, else a one-line reason (health endpoint)."""
         return None
 
+    def stats(self) -> dict[str, int]:
+        """Queue counters for ``/api/health`` (none by default)."""
+        return {}
+
     def render(self, messages: Messages) -> str:
         """The template prompt for ``messages`` (the default system prompt when none is given)."""
         return self.template.render_prompt(messages, self.system_prompt)
 
-    def stream_chat(self, messages: Messages, sampling: SamplingConfig,
-                    cancel: threading.Event | None = None) -> Generator[GenerationChunk, None, None]:
+    def fit_prompt(self, prompt_tokens: int, max_tokens: int) -> int:
+        """``max_tokens`` cut to the room the model's context leaves; UserError (400) for a prompt that can't fit."""
+        if self.model_context is not None and prompt_tokens >= self.model_context:
+            raise UserError(f"the prompt is {prompt_tokens} tokens, more than the context of {self.model_context}; "
+                            "send a shorter message or start a new conversation")
+        if prompt_tokens > self.context_tokens:
+            raise UserError(f"the prompt is {prompt_tokens} tokens, over this server's prompt budget of "
+                            f"{self.context_tokens} tokens (--max-context-tokens); send fewer or shorter messages")
+        return max_tokens if self.model_context is None else min(max_tokens, self.model_context - prompt_tokens)
+
+    def stream_chat(self, messages: Messages, sampling: SamplingConfig, cancel: threading.Event | None = None,
+                    stop: Sequence[str] = ()) -> Generator[GenerationChunk, None, None]:
         raise NotImplementedError
 
-    def chat(self, messages: Messages, sampling: SamplingConfig,
-             cancel: threading.Event | None = None) -> GenerationResult:
+    def chat(self, messages: Messages, sampling: SamplingConfig, cancel: threading.Event | None = None,
+             stop: Sequence[str] = ()) -> GenerationResult:
         """The whole answer at once (the stream collected)."""
-        return collect(self.stream_chat(messages, sampling, cancel))
+        with contextlib.closing(self.stream_chat(messages, sampling, cancel, stop)) as chunks:
+            return collect(chunks)
 
     def close(self) -> None:
         """Free the model at shutdown (nothing to free by default)."""
@@ -106,32 +119,51 @@ class Backend:
 
 
 class MLXBackend(Backend):
-    """The fine-tuned model in MLX (``fishtune.loading.LoadedModel``)."""
+    """The fine-tuned model in MLX (``fishtune.loading.LoadedModel``), batched across requests.
+
+    ``stream_chat`` tokenizes and checks the prompt in the caller's thread,
+    then hands it to the :class:`~fishtune.serve.batching.BatchScheduler`,
+    whose one thread decodes up to ``max_batch`` requests together.
+    """
 
     kind = "mlx"
+    serialize = False  # the scheduler batches concurrent requests
 
-    def __init__(self, lm: Any, context_tokens: int = 2048, system_prompt: str | None = None):
-        """``lm``: from :func:`fishtune.loading.load_model` (which materialised the fused weights on its thread)."""
+    def __init__(self, lm: Any, context_tokens: int = 2048, system_prompt: str | None = None, max_batch: int = 16):
+        """``lm``: from :func:`fishtune.loading.load_model` (which materialised the fused weights)."""
         self.lm = lm
         self.template = lm.template
         self.system_prompt = system_prompt if system_prompt is not None else lm.system_prompt
         self.tokenizer = lm.tokenizer
         self.context_tokens = context_tokens
-        logger.info("loaded %s", lm.describe())
+        args = getattr(lm.model, "args", None)
+        self.model_context = getattr(args, "max_position_embeddings", None)
+        self.vocab_size = getattr(args, "vocab_size", None)
+        self.scheduler = BatchScheduler(lm.model, lm.tokenizer, max_batch=max_batch)
+        logger.info("loaded %s; up to %d requests decode together", lm.describe(), max_batch)
 
     @property
     def model_name(self) -> str:
         return Path(self.lm.model_path).name or self.lm.model_path
 
     def info(self) -> dict[str, Any]:
-        return {**super().info(), "model": self.lm.model_path, "adapter": self.lm.adapter_path, "fused": self.lm.fused}
+        adapter = Path(self.lm.adapter_path).name if self.lm.adapter_path else None
+        return {**super().info(), "adapter": adapter, "fused": self.lm.fused, "max_batch": self.scheduler.max_batch}
 
-    def stream_chat(self, messages, sampling, cancel=None):
-        if sampling.seed is None:
-            # MLX's random state is per thread and starts the same in each new thread:
-            # without a fresh seed, every worker thread would sample the same answers.
-            sampling = dataclasses.replace(sampling, seed=random.randrange(2**32))
-        return stream_generate(self.lm, self.render(messages), sampling, cancel=cancel)
+    def stats(self) -> dict[str, int]:
+        return self.scheduler.stats()
+
+    def stream_chat(self, messages, sampling, cancel=None, stop=()):
+        ids = encode_prompt(self.tokenizer, self.render(messages))
+        max_tokens = self.fit_prompt(len(ids), sampling.max_tokens)
+        # A seed for every sampled request: each draws from its own random key, alone or in a batch.
+        seed = sampling.seed if sampling.seed is not None or sampling.greedy else random.randrange(2**32)
+        job = BatchJob(ids, dataclasses.replace(sampling, max_tokens=max_tokens, seed=seed),
+                       self.template.stop_strings + tuple(stop), cancel or threading.Event())
+        return self.scheduler.submit(job).chunks()
+
+    def close(self) -> None:
+        self.scheduler.close()
 
 
 # ---- llama.cpp -------------------------------------------------------------------
@@ -174,7 +206,8 @@ class LlamaCppBackend(Backend):
         self.template = tpl
         self.system_prompt = system_prompt if system_prompt is not None else system
         logger.info("llama.cpp: %s (%s)", path, source)
-        self.n_ctx = n_ctx
+        self.n_ctx = self.model_context = n_ctx
+        self.vocab_size = self.llm.n_vocab()
         self.tokenizer = _LlamaTokenizer(self.llm)
         self.context_tokens = max(64, n_ctx // 2)
 
@@ -183,20 +216,17 @@ class LlamaCppBackend(Backend):
         return self.path.name
 
     def info(self) -> dict[str, Any]:
-        return {**super().info(), "model": str(self.path), "n_ctx": self.n_ctx}
+        return {**super().info(), "n_ctx": self.n_ctx}
 
-    def stream_chat(self, messages, sampling, cancel=None):
-        ids = llama.tokenize(self.llm, self.render(messages))
-        room = self.n_ctx - len(ids)
-        if room < 1:
-            raise UserError(f"the prompt is {len(ids)} tokens, more than the context of {self.n_ctx}; "
-                            "send a shorter message or start a new conversation")
-        return self._stream(ids, sampling, min(sampling.max_tokens, room), cancel)
+    def stream_chat(self, messages, sampling, cancel=None, stop=()):
+        ids = llama.tokenize(self.llm, ensure_utf8(self.render(messages), "the prompt"))
+        max_tokens = self.fit_prompt(len(ids), sampling.max_tokens)
+        return self._stream(ids, sampling, max_tokens, cancel, self.template.stop_strings + tuple(stop))
 
-    def _stream(self, ids, sampling, max_tokens, cancel):
+    def _stream(self, ids, sampling, max_tokens, cancel, stop_strings):
         self.llm.set_seed(sampling.seed if sampling.seed is not None else random.randrange(2**31))
         dec = codecs.getincrementaldecoder("utf-8")("replace")
-        stops = StopStringFilter(self.template.stop_strings)
+        stops = StopStringFilter(stop_strings)
         t0 = time.perf_counter()
         n = 0
         finish: str | None = None
@@ -327,12 +357,13 @@ class OllamaBackend(Backend):
         reason = d.get("done_reason") or "stop"
         return reason if reason in ("stop", "length") else "stop"
 
-    def stream_chat(self, messages, sampling, cancel=None):
+    def stream_chat(self, messages, sampling, cancel=None, stop=()):
         payload = self._payload(messages, sampling, True)
         r = self._post(payload, True)  # connection errors surface here, before the first chunk
-        return self._iter_ndjson(r, cancel)
+        return self._iter_ndjson(r, cancel, StopStringFilter(stop) if stop else None)
 
-    def _iter_ndjson(self, r, cancel):
+    def _iter_ndjson(self, r, cancel, stops):
+        """Ollama's NDJSON as chunks; ``stops`` (the request's stop strings) ends it here, closing the stream."""
         import requests
 
         t0 = time.perf_counter()
@@ -346,11 +377,13 @@ class OllamaBackend(Backend):
                     raise BackendError(f"Ollama at {self.url} sent a line that is not JSON: {line[:100]!r}") from None
                 if d.get("error"):
                     raise BackendError(f"Ollama at {self.url}: {d['error']}")
-                text = (d.get("message") or {}).get("content", "")
-                if d.get("done"):
+                piece = (d.get("message") or {}).get("content", "")
+                text, stopped = stops.feed(piece) if stops else (piece, False)
+                if stopped or d.get("done"):
                     n = int(d.get("eval_count", 0) or 0)
-                    yield GenerationChunk(text, self._finish(d), int(d.get("prompt_eval_count", 0) or 0), n,
-                                          n / max(time.perf_counter() - t0, 1e-9))
+                    yield GenerationChunk(text + (stops.flush() if stops and not stopped else ""),
+                                          "stop" if stopped else self._finish(d), int(d.get("prompt_eval_count", 0) or 0),
+                                          n, n / max(time.perf_counter() - t0, 1e-9))
                     return
                 if cancel is not None and cancel.is_set():
                     yield GenerationChunk(text, "cancelled")
@@ -363,8 +396,8 @@ class OllamaBackend(Backend):
             r.close()  # stops Ollama's generation for this request
         raise BackendError(f"Ollama at {self.url} ended the stream without a final done message")
 
-    def chat(self, messages, sampling, cancel=None):
-        """One non-streamed ``/api/chat`` call."""
+    def chat(self, messages, sampling, cancel=None, stop=()):
+        """One non-streamed ``/api/chat`` call; ``stop`` cuts the answer here."""
         t0 = time.perf_counter()
         r = self._post(self._payload(messages, sampling, False), False)
         try:
@@ -375,9 +408,14 @@ class OllamaBackend(Backend):
             r.close()
         if not isinstance(d, dict) or not isinstance((d.get("message") or {}).get("content"), str):
             raise BackendError(f"Ollama at {self.url} answered without message.content: {str(d)[:200]}")
+        text, finish = d["message"]["content"], self._finish(d)
+        if stop:
+            stops = StopStringFilter(stop)
+            text, stopped = stops.feed(text)
+            text, finish = (text, "stop") if stopped else (text + stops.flush(), finish)
         n = int(d.get("eval_count", 0) or 0)
-        return GenerationResult(d["message"]["content"], self._finish(d), int(d.get("prompt_eval_count", 0) or 0),
-                                n, 0.0, 0.0, time.perf_counter() - t0)
+        return GenerationResult(text, finish, int(d.get("prompt_eval_count", 0) or 0), n, 0.0, 0.0,
+                                time.perf_counter() - t0)
 
 
 __all__ = ["Backend", "BackendError", "BackendUnavailable", "MLXBackend", "LlamaCppBackend", "OllamaBackend",

@@ -6,24 +6,25 @@
   ``"stream": true`` Server-Sent Events (:class:`fishtune.serve.events.SeedEvents`).
 * ``POST /api/clear`` -> ``{"status": "success"}``: clears the caller's history only.
 * ``GET /api/history``: the caller's history (cookie ``fishtune_session`` or ``?session_id=``).
-* ``GET /api/health``: back end, model, adapter, template, generation queue, sessions.
+* ``GET /api/health``: back end, model and adapter (names, not paths), generation, sessions.
 * ``POST /v1/chat/completions``, ``GET /v1/models``: OpenAI-compatible, stateless.
 
-Parsing is :mod:`fishtune.serve.parsing`, generation :mod:`fishtune.serve.streaming`.
-What a request holds (the session's lock, the generation gate, the running
-generation) sits in one :class:`contextlib.ExitStack`: released when the
-endpoint returns, or handed to the streamed body, which releases it when the
-server closes it.
+Parsing is :mod:`fishtune.serve.parsing`, generation :mod:`fishtune.serve.streaming`,
+the conversations :mod:`fishtune.serve.store`. What a request holds (the
+session's lock, its generation slot, the running generation) sits in one
+:class:`contextlib.ExitStack`: released when the endpoint returns, or handed
+to the streamed body, which releases it when the server closes it. A turn is
+saved (:meth:`~fishtune.serve.sessions.SessionStorage.add_turn`) before the
+response completes, and only when it finished (not cancelled).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Iterator
 
 from flask import Blueprint, Response, current_app, jsonify
 
-from fishtune.serve.errors import API_BLUEPRINT, ApiError
+from fishtune.serve.errors import API_BLUEPRINT
 from fishtune.serve.events import OpenAIEvents, SeedEvents
 from fishtune.serve.parsing import (
     COOKIE,
@@ -33,9 +34,9 @@ from fishtune.serve.parsing import (
     parse_chat,
     parse_completion,
 )
-from fishtune.serve.sessions import SessionEntry, SessionStorage, new_session_id
-from fishtune.serve.state import current
-from fishtune.serve.streaming import sse_response
+from fishtune.serve.sessions import Conversation, SessionStorage, new_session_id
+from fishtune.serve.state import ServerState, current
+from fishtune.serve.streaming import client_disconnected, sse_response
 
 page = Blueprint("page", __name__)
 api = Blueprint(API_BLUEPRINT, __name__)
@@ -45,22 +46,19 @@ def set_cookie(resp: Response, session_id: str) -> None:
     resp.set_cookie(COOKIE, session_id, httponly=True, samesite="Lax", path="/")
 
 
-@contextlib.contextmanager
-def session_turn(entry: SessionEntry, timeout_s: float) -> Iterator[None]:
-    """The session's lock for one answer: a user's turns are answered in order."""
-    if not entry.lock.acquire(timeout=timeout_s):
-        raise ApiError(503, "this session is busy with another answer; try again later")
-    try:
-        yield
-    finally:
-        entry.lock.release()
-
-
-def store_answer(sessions: SessionStorage, entry: SessionEntry, question: str, finish_reason: str,
+def store_answer(sessions: SessionStorage, conversation: Conversation, question: str, finish_reason: str,
                  answer: str) -> None:
-    """Keep the turn in the history, unless generation was cancelled."""
+    """Keep the finished turn, unless generation was cancelled (the client went away)."""
     if finish_reason != "cancelled":
-        sessions.add_turn(entry, question, answer)
+        sessions.add_turn(conversation, question, answer)
+
+
+def prompt_messages(st: ServerState, conversation: Conversation, question: str) -> list[dict[str, str]]:
+    """The chat messages for ``question``: the system prompt and the saved turns that fit the prompt budget."""
+    chat = st.new_chat()
+    chat.turns = list(conversation.turns)
+    chat.prompt_for(question)  # drops the oldest turns that don't fit
+    return chat.messages + [{"role": "user", "content": question}]
 
 
 # ---- the page ------------------------------------------------------------------------
@@ -97,12 +95,12 @@ def health() -> Response:
 @api.get("/api/history")
 def history() -> Response:
     sid, _ = caller_session_id({})
-    return jsonify({"session_id": sid, "messages": current().sessions.history(sid)})
+    return jsonify({"session_id": sid, "messages": current().sessions.load(sid).messages()})
 
 
 @api.post("/api/clear")
 def clear() -> Response:
-    sid, _ = caller_session_id(json_body(required=False))
+    sid, _ = caller_session_id(json_body(required=False))  # an empty body (the seed's curl): the cookie's session
     current().sessions.clear(sid)
     return jsonify({"status": "success"})
 
@@ -111,22 +109,22 @@ def clear() -> Response:
 def chat() -> Response:
     st = current()
     req = parse_chat(st.config)
-    entry = st.sessions.get_or_create(req.session_id)
-    events = SeedEvents(entry.session_id)
+    sid = req.session_id or new_session_id()
+    events = SeedEvents(sid)
     with contextlib.ExitStack() as held:
-        held.enter_context(session_turn(entry, st.config.queue_timeout_s))
-        entry.chat.prompt_for(req.message)  # drops the turns that no longer fit the budget
-        messages = entry.chat.messages + [{"role": "user", "content": req.message}]
-        remember = functools.partial(store_answer, st.sessions, entry, req.message)
+        held.enter_context(st.locks.hold(sid, st.config.queue_timeout_s))
+        conversation = st.sessions.load(sid)
+        messages = prompt_messages(st, conversation, req.message)
+        remember = functools.partial(store_answer, st.sessions, conversation, req.message)
         if req.stream:
-            live = held.enter_context(st.generation.stream(messages, req.sampling))
+            live = held.enter_context(st.generation.stream(messages, req.sampling, disconnected=client_disconnected()))
             resp = sse_response(live, events, held, on_finish=remember)
         else:
-            result = st.generation.answer(messages, req.sampling)
+            result = st.generation.answer(messages, req.sampling, disconnected=client_disconnected())
             remember(result.finish_reason, result.text)
             resp = jsonify(events.response(result))
     if not req.session_from_body:
-        set_cookie(resp, entry.session_id)
+        set_cookie(resp, sid)
     return resp
 
 
@@ -136,18 +134,20 @@ def chat() -> Response:
 @api.get("/v1/models")
 def models() -> Response:
     return jsonify({"object": "list", "data": [
-        {"id": current().backend.model_name, "object": "model", "created": 0, "owned_by": "fishtune"}]})
+        {"id": name, "object": "model", "created": 0, "owned_by": "fishtune"} for name in current().config.model_names]})
 
 
 @api.post("/v1/chat/completions")
 def completions() -> Response:
     st = current()
     req = parse_completion(st.config)
-    events = OpenAIEvents(st.backend.model_name)
+    events = OpenAIEvents(req.model, include_usage=req.include_usage)
     if not req.stream:
-        return jsonify(events.response(st.generation.answer(req.messages, req.sampling)))
+        result = st.generation.answer(req.messages, req.sampling, req.stop, disconnected=client_disconnected())
+        return jsonify(events.response(result))
     with contextlib.ExitStack() as held:
-        live = held.enter_context(st.generation.stream(req.messages, req.sampling))
+        live = held.enter_context(st.generation.stream(req.messages, req.sampling, req.stop,
+                                                       disconnected=client_disconnected()))
         return sse_response(live, events, held)
 
 

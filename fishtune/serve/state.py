@@ -6,13 +6,16 @@ keeps it in ``app.extensions``; an endpoint reaches it with :func:`current`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from flask import current_app
 
 from fishtune.errors import UserError
+from fishtune.infer.chat import ChatSession
 from fishtune.infer.generation import SamplingConfig
 from fishtune.serve.backends import Backend
-from fishtune.serve.sessions import SessionStorage
+from fishtune.serve.security import HostPolicy
+from fishtune.serve.sessions import SessionLocks, SessionStorage
 from fishtune.serve.streaming import Generation
 
 EXTENSION = "fishtune"
@@ -28,6 +31,8 @@ class ServerConfig:
     max_tokens_limit: int = 4096
     max_turns: int = 20
     queue_timeout_s: float = 300.0
+    vocab_size: int | None = None  # the back end's; top_k must stay below it
+    model_names: tuple[str, ...] = ()  # what ``model`` may say on /v1 (the first is the back end's)
 
     def __post_init__(self) -> None:
         if self.max_message_chars < 1:
@@ -35,6 +40,9 @@ class ServerConfig:
         if self.sampling.max_tokens > self.max_tokens_limit:
             raise UserError(f"--max-tokens {self.sampling.max_tokens} is over the server limit of "
                             f"{self.max_tokens_limit}")
+        if self.vocab_size is not None and self.sampling.top_k >= self.vocab_size:
+            raise UserError(f"--top-k {self.sampling.top_k} is not below the model's vocabulary of "
+                            f"{self.vocab_size} tokens; use 0 (off) or at most {self.vocab_size - 1}")
 
     @property
     def max_openai_content_chars(self) -> int:
@@ -47,7 +55,10 @@ class ServerState:
     config: ServerConfig
     backend: Backend
     sessions: SessionStorage
+    locks: SessionLocks
     generation: Generation
+    hosts: HostPolicy
+    new_chat: Callable[[], ChatSession]  # an empty conversation with the back end's template and budget
 
 
 def current() -> ServerState:
