@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, tiny_records, write_jsonl
+from conftest import tiny_records, write_jsonl
 from fishtune.errors import UserError, run_cli
 
 import mlx.core as mx  # noqa: E402  (after fishtune: OpenBLAS first)
