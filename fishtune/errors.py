@@ -17,6 +17,11 @@ class UserError(Exception):
     """
 
 
+def clip(text: str, limit: int = 80) -> str:
+    """``text`` cut to ``limit`` characters (the last three ``...``): a bad value quoted in a one-line message."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def run_cli(main: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:
     """Wrap a stage's ``main(argv)`` so UserError becomes one line and exit 2."""
 

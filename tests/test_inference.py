@@ -73,6 +73,13 @@ def test_stop_inside_one_chunk_and_multiple_stops():
     assert stopped and emitted == ["a"]
 
 
+def test_last_piece_releases_what_is_held_or_stops():
+    f = StopStringFilter(("###",))
+    assert f.feed("水温 #") == ("水温", False)
+    assert f.feed("1 号缸 ##", last=True) == (" #1 号缸 ##", False)  # the stream ends: nothing is held back
+    assert StopStringFilter(("###",)).feed("答案 ###后面", last=True) == ("答案", True)
+
+
 def test_sampling_config_validation():
     s = SamplingConfig()
     assert (s.temperature, s.top_p, s.max_tokens, s.top_k, s.min_p, s.repetition_penalty) == (0.7, 0.9, 512, 0, 0.0, 1.0)

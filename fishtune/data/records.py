@@ -13,7 +13,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from fishtune.errors import UserError
+from fishtune.errors import UserError, clip
 from fishtune.template import PromptTemplate, check_messages, get_template
 
 # Stable rejection codes (used in report.json and rejected.jsonl).
@@ -154,14 +154,12 @@ def find_control_char(s: str) -> int:
 
 
 def _show(v: Any, limit: int = 40) -> str:
-    s = repr(v)  # repr escapes newlines: error messages stay one line
-    return s if len(s) <= limit else s[: limit - 3] + "..."
+    return clip(repr(v), limit)  # repr escapes newlines: error messages stay one line
 
 
 def _keys(d: dict) -> str:
     """A record's keys for an error message: one line, not too long."""
-    keys = ", ".join(sorted(" ".join(str(k).split()) for k in d)) or "none"
-    return keys if len(keys) <= 80 else keys[:77] + "..."
+    return clip(", ".join(sorted(" ".join(str(k).split()) for k in d)) or "none")
 
 
 # --------------------------------------------------------------------------- validating

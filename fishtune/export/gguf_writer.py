@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from fishtune.errors import UserError
+from fishtune.errors import UserError, clip
 from fishtune.export.architectures import Architecture, for_hf_config, permute_rope
 from fishtune.export.gguf_types import WRITER_TYPES
 from fishtune.fileio import atomic_path, read_json_object
@@ -477,8 +477,7 @@ def _fmt_value(v: Any) -> str:
     if isinstance(v, list):
         head = ", ".join(repr(x) for x in v[:3])
         return f"[{head}, ...] ({len(v)} items)"
-    s = repr(v)
-    return s if len(s) <= 100 else s[:97] + "..."
+    return clip(repr(v), 100)
 
 
 def describe(model: HFModel, meta: ProjectMeta, out_type: str) -> str:

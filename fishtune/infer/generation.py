@@ -115,8 +115,9 @@ class GenerationResult:
 class StopStringFilter:
     """Incremental stop-string cutting for streamed text.
 
-    ``feed(piece)`` returns ``(text safe to emit, stopped)``; ``flush()``
-    returns what is still held back once the stream ended without a stop.
+    ``feed(piece)`` returns ``(text safe to emit, stopped)``; with
+    ``last=True`` (the stream ends with this piece) nothing is held back;
+    ``flush()`` returns what is still held back when the stream ends otherwise.
     Held back: the longest tail that is a proper prefix of a stop string,
     plus the whitespace before it (dropped if a stop follows).
     """
@@ -136,7 +137,7 @@ class StopStringFilter:
         rest = buf[: len(buf) - k]
         return k + (len(rest) - len(rest.rstrip()))
 
-    def feed(self, piece: str) -> tuple[str, bool]:
+    def feed(self, piece: str, last: bool = False) -> tuple[str, bool]:
         if self.stopped:
             return "", True
         self._buf += piece
@@ -146,14 +147,16 @@ class StopStringFilter:
             self._buf = ""
             self.stopped = True
             return out, True
+        if last:
+            return self.flush(), False
         k = self._held_len(self._buf)
         out, self._buf = self._buf[: len(self._buf) - k], self._buf[len(self._buf) - k:]
         return out, False
 
-    def flush(self, final: bool = True) -> str:
-        """The held-back tail (the stream ended without a stop string)."""
+    def flush(self) -> str:
+        """The held-back tail, trailing whitespace dropped (the stream ended without a stop string)."""
         out, self._buf = self._buf, ""
-        return out.rstrip() if final else out
+        return out.rstrip()
 
 
 def ensure_utf8(text: str, what: str = "the text") -> str:
@@ -211,15 +214,9 @@ def stream_generate(
     try:
         for resp in gen:
             last = resp
-            out, stopped = stops.feed(resp.text)
-            if stopped:
-                finish = "stop"
-            elif resp.finish_reason is not None:
-                finish = resp.finish_reason
-                out += stops.flush(final=True)
-            elif cancel is not None and cancel.is_set():
-                finish = "cancelled"
-                out += stops.flush(final=True)
+            cancelled = resp.finish_reason is None and cancel is not None and cancel.is_set()
+            out, stopped = stops.feed(resp.text, last=resp.finish_reason is not None or cancelled)
+            finish = "stop" if stopped else resp.finish_reason or ("cancelled" if cancelled else None)
             if finish is not None:
                 yield GenerationChunk(
                     out, finish, resp.prompt_tokens, resp.generation_tokens, resp.generation_tps, resp.prompt_tps

@@ -245,7 +245,7 @@ class LlamaCppBackend(Backend):
                         finish = "stop"
                     elif n >= max_tokens:
                         finish = "length"
-                        out += stops.feed(dec.decode(b"", final=True))[0] + stops.flush()
+                        out += stops.feed(dec.decode(b"", final=True), last=True)[0]
                     elif cancel is not None and cancel.is_set():
                         finish = "cancelled"
                         out += stops.flush()
@@ -378,12 +378,12 @@ class OllamaBackend(Backend):
                 if d.get("error"):
                     raise BackendError(f"Ollama at {self.url}: {d['error']}")
                 piece = (d.get("message") or {}).get("content", "")
-                text, stopped = stops.feed(piece) if stops else (piece, False)
+                text, stopped = stops.feed(piece, last=bool(d.get("done"))) if stops else (piece, False)
                 if stopped or d.get("done"):
                     n = int(d.get("eval_count", 0) or 0)
-                    yield GenerationChunk(text + (stops.flush() if stops and not stopped else ""),
-                                          "stop" if stopped else self._finish(d), int(d.get("prompt_eval_count", 0) or 0),
-                                          n, n / max(time.perf_counter() - t0, 1e-9))
+                    yield GenerationChunk(text, "stop" if stopped else self._finish(d),
+                                          int(d.get("prompt_eval_count", 0) or 0), n,
+                                          n / max(time.perf_counter() - t0, 1e-9))
                     return
                 if cancel is not None and cancel.is_set():
                     yield GenerationChunk(text, "cancelled")
@@ -408,11 +408,9 @@ class OllamaBackend(Backend):
             r.close()
         if not isinstance(d, dict) or not isinstance((d.get("message") or {}).get("content"), str):
             raise BackendError(f"Ollama at {self.url} answered without message.content: {str(d)[:200]}")
-        text, finish = d["message"]["content"], self._finish(d)
-        if stop:
-            stops = StopStringFilter(stop)
-            text, stopped = stops.feed(text)
-            text, finish = (text, "stop") if stopped else (text + stops.flush(), finish)
+        text = d["message"]["content"]
+        text, stopped = StopStringFilter(stop).feed(text, last=True) if stop else (text, False)
+        finish = "stop" if stopped else self._finish(d)
         n = int(d.get("eval_count", 0) or 0)
         return GenerationResult(text, finish, int(d.get("prompt_eval_count", 0) or 0), n, 0.0, 0.0,
                                 time.perf_counter() - t0)

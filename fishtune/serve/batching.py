@@ -122,11 +122,9 @@ class _Running:
             self.detokenizer.add_token(token)
         if finish is not None:
             self.detokenizer.finalize()
-        text, stopped = self.stops.feed(self.detokenizer.last_segment)
-        if stopped:
-            return self.final(text, "stop")
-        if finish is not None:
-            return self.final(text + self.stops.flush(), finish)
+        text, stopped = self.stops.feed(self.detokenizer.last_segment, last=finish is not None)
+        if stopped or finish is not None:
+            return self.final(text, "stop" if stopped else finish)
         return GenerationChunk(text) if text else None
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from flask import request
 
-from fishtune.errors import UserError
+from fishtune.errors import UserError, clip
 from fishtune.infer.generation import SamplingConfig, ensure_utf8
 from fishtune.serve.errors import ApiError
 from fishtune.serve.sessions import check_session_id
@@ -220,7 +220,7 @@ def openai_model(body: dict[str, Any], cfg: ServerConfig) -> str:
     if model is None:
         return cfg.model_names[0]
     if model not in cfg.model_names:
-        shown = model if not isinstance(model, str) or len(model) <= 80 else model[:77] + "..."
+        shown = clip(model) if isinstance(model, str) else model
         raise ApiError(404, f"The model {shown!r} does not exist; this server serves {', '.join(cfg.model_names)} "
                             "(GET /v1/models)", param="model", code="model_not_found")
     return model

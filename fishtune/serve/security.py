@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 from flask import request
 
+from fishtune.errors import clip
 from fishtune.serve.errors import ApiError
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -62,8 +63,7 @@ class HostPolicy:
     def check_host(self) -> None:
         host = request.headers.get("Host", "")
         if not self.allows(host):
-            shown = host if len(host) <= 80 else host[:77] + "..."
-            raise ApiError(403, f"Host {shown!r} is not a name this server answers to ({self.describe()}); "
+            raise ApiError(403, f"Host {clip(host)!r} is not a name this server answers to ({self.describe()}); "
                                 "to serve it under another name, start it with --allow-host NAME")
 
 
@@ -76,8 +76,7 @@ def check_same_origin() -> None:
         return  # not a browser page: curl, SDKs
     parts = urlsplit(source)
     if source == "null" or parts.scheme not in ("http", "https") or parts.netloc.lower() != request.host.lower():
-        shown = source if len(source) <= 80 else source[:77] + "..."
-        raise ApiError(403, f"cross-origin request refused: {shown} is not this server's page "
+        raise ApiError(403, f"cross-origin request refused: {clip(source)} is not this server's page "
                             f"(http://{request.host}); use the chat page, or a client that is not a browser")
 
 

@@ -22,7 +22,7 @@ import threading
 from dataclasses import dataclass
 from typing import Iterator, Protocol
 
-from fishtune.errors import UserError
+from fishtune.errors import UserError, clip
 from fishtune.serve.errors import ApiError
 
 # Ids we hand out are token_urlsafe(18) (24 chars); clients may pick their own
@@ -37,7 +37,7 @@ def new_session_id() -> str:
 def check_session_id(value: object) -> str:
     """A client-supplied session id, or UserError naming the rule (the whole value must match)."""
     if not isinstance(value, str) or not SESSION_ID_RE.fullmatch(value):
-        shown = value if not isinstance(value, str) or len(value) <= 80 else value[:77] + "..."
+        shown = clip(value) if isinstance(value, str) else value
         raise UserError(
             f"session_id {shown!r} is invalid; use 8-64 characters from A-Z a-z 0-9 _ - "
             "(or leave it out to get a new session)"
